@@ -1,0 +1,273 @@
+"""The ``moon2`` command line: thin Typer commands, each calling one library function."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.markup import escape
+
+from moon2 import __version__, progress
+from moon2.errors import Moon2Error
+
+app = typer.Typer(
+    name="moon2",
+    help=(
+        "moon2: multimodal product representation learning for e-commerce catalogs "
+        "(MOON2.0). Data flows through Parquet folders: synth/your catalog -> validate -> "
+        "build-bench -> augment -> filter -> train -> eval."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(func: F) -> F:
+    """Turn a Moon2Error into one red sentence on stderr and its exit code, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except Moon2Error as exc:
+            message = escape(str(exc))  # paths may contain [brackets]
+            progress.console().print(
+                f"[red]error:[/red] {message}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            progress.console().print("[red]interrupted[/red]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"moon2 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print version.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars or info messages.")
+    ] = False,
+) -> None:
+    progress.set_quiet(quiet)
+
+
+class Kind(str, Enum):
+    products = "products"
+    queries = "queries"
+
+
+@app.command()
+@_user_errors
+def validate(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A Parquet file, a directory of part files, a glob, or a catalog directory "
+            "holding products/ and queries/ (both are then checked, and every positive_id "
+            "and negative id must exist in products).",
+            show_default=False,
+        ),
+    ],
+    kind: Annotated[
+        Kind | None,
+        typer.Option(help="Table kind; inferred from the layout or the id column if omitted."),
+    ] = None,
+    rejects: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write invalid rows here (Parquet, with reject_stage and reject_reason)."
+        ),
+    ] = None,
+    check_images: Annotated[
+        bool, typer.Option(help="Decode every image (local bytes and paths; URIs are not fetched).")
+    ] = True,
+    max_examples: Annotated[
+        int, typer.Option(min=0, help="Problems listed in full; the rest are counted.")
+    ] = 20,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report as JSON here.")
+    ] = None,
+) -> None:
+    """Check a catalog against the moon2 data contract, row by row.
+
+    Exit code 0 when every row is valid, 1 when some rows are invalid, 2 when the input
+    cannot be read at all (missing path, not Parquet, missing or unconvertible columns).
+    """
+    import json
+
+    from moon2.data.validate import format_report
+    from moon2.data.validate import validate as run_validate
+
+    report = run_validate(
+        path,
+        kind=kind.value if kind else None,
+        rejects=rejects,
+        check_images=check_images,
+        max_examples=max_examples,
+    )
+    typer.echo(format_report(report))
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+@_user_errors
+def synth(
+    out_dir: Annotated[
+        Path,
+        typer.Argument(help="Output directory (gets products/ and queries/).", show_default=False),
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML config (see configs/synth/default.yaml); options below override it."
+        ),
+    ] = None,
+    products: Annotated[
+        int | None,
+        typer.Option(help="Product rows, near-duplicate listings included. [default: 2000]"),
+    ] = None,
+    queries_per_product: Annotated[
+        float | None, typer.Option(help="Queries per product on average. [default: 2.0]")
+    ] = None,
+    noise: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of noisy products and, separately, of noisy queries. [default: 0.1]"
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed. [default: 0]")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Shorter image side in pixels. [default: 128]")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (0 = one per core). [default: 0]")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a catalog generated with another config.")
+    ] = False,
+) -> None:
+    """Generate a synthetic product catalog and query log with known noise.
+
+    46 leaf categories (3-4 levels) each with its own drawn shape; attributes colour, pattern,
+    material, style, size (+ department keys and brand); several procedurally drawn photos
+    per product; noisy seller titles; text, image and multimodal queries with hard negatives.
+    Noise is recorded in truth_* columns. Same seed -> byte-identical Parquet; an interrupted
+    run resumes where it stopped.
+    """
+    from moon2.data.synth.generator import SynthConfig
+    from moon2.data.synth.generator import synth as run_synth
+
+    cfg = SynthConfig.from_yaml(
+        config,
+        products=products,
+        queries_per_product=queries_per_product,
+        noise=noise,
+        seed=seed,
+        image_size=image_size,
+        workers=workers,
+    )
+    result = run_synth(cfg, out_dir, overwrite=overwrite)
+    manifest = result.manifest
+    typer.echo(
+        f"wrote {result.products:,} products and {result.queries:,} queries to {out_dir} "
+        f"in {result.seconds:.1f} s ({result.parts_written} part files"
+        + (f", {result.parts_skipped} already there" if result.parts_skipped else "")
+        + ")"
+    )
+    typer.echo(f"noise: products {manifest['product_noise']}, queries {manifest['query_noise']}")
+
+
+convert_app = typer.Typer(
+    help="Convert public dataset formats into the moon2 data contract.", no_args_is_help=True
+)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("mbe")
+@_user_errors
+def convert_mbe(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="MBE v1-style .json / .jsonl / .parquet file, or a directory or glob of them.",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[
+        Path, typer.Argument(help="Output catalog directory (gets products/).", show_default=False)
+    ],
+    industry_as_root: Annotated[
+        bool, typer.Option(help="Use doc_industry_name as the first category level.")
+    ] = False,
+) -> None:
+    """Convert MBE v1 (Daoze/MM-Bench-E-Commerce) product records into products/.
+
+    id -> product_id, doc_title -> title, doc_image (URLs kept as paths, never fetched) ->
+    images, doc_cate1..4_name -> category, doc_attributes ("k:v,,k:v", JSON or mapping) ->
+    attributes; other columns are kept as mbe_<name>. Rows without an id, with a repeated id
+    or with neither title nor image go to OUT/_rejects/products with the reason.
+    """
+    from moon2.data.adapters.mbe import convert_mbe as run_convert
+
+    result = run_convert(src, out_dir, industry_as_root=industry_as_root)
+    typer.echo(
+        f"{result.rows_in:,} records -> {result.products:,} products in {out_dir}/products, "
+        f"{result.rejected:,} rejected"
+        + (
+            f" ({', '.join(f'{k}: {v}' for k, v in result.reasons.items())})"
+            if result.rejected
+            else ""
+        )
+    )
+
+
+@app.command()
+@_user_errors
+def demo(
+    out_dir: Annotated[
+        Path, typer.Argument(help="Where the demo writes everything.", show_default=False)
+    ] = Path("moon2-demo"),
+    products: Annotated[int, typer.Option(help="Products in the demo catalog.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Run the pipeline on the embedded synthetic catalog.
+
+    Today: generate a catalog (OUT/catalog) and validate it against the data contract
+    (OUT/validation.json). Re-running resumes and reuses what is already there.
+    """
+    from moon2.pipeline import run_demo
+
+    result = run_demo(out_dir, products=products, seed=seed)
+    typer.echo(result.summary)
+    raise typer.Exit(result.exit_code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except BrokenPipeError:  # e.g. `moon2 validate ... | head`
+        sys.stderr.close()
+
+
+if __name__ == "__main__":
+    main()

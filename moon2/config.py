@@ -1,0 +1,65 @@
+"""Typed configuration loaded from YAML.
+
+Configs are data: YAML is read with ``yaml.safe_load`` (no tags, no object construction), and
+every config model forbids unknown keys so that a typo is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from moon2.errors import ConfigError
+
+ConfigT = TypeVar("ConfigT", bound="Config")
+
+
+class Config(BaseModel):
+    """Base class of every moon2 config: strict keys, validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @classmethod
+    def from_yaml(cls: type[ConfigT], path: str | Path | None, **overrides: Any) -> ConfigT:
+        """Load ``path`` (or the defaults when None) and apply non-None ``overrides``."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            data = read_yaml(path)
+        data.update({key: value for key, value in overrides.items() if value is not None})
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            where = f" in {path}" if path is not None else ""
+            raise ConfigError(f"invalid {cls.__name__}{where}: {_summarise(exc)}") from None
+
+    def to_yaml(self, path: str | Path) -> None:
+        """Write the resolved config (every field, defaults included)."""
+        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        Path(path).write_text(text, encoding="utf-8")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, found {type(data).__name__}")
+    return data
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        location = ".".join(str(item) for item in error["loc"]) or "<root>"
+        parts.append(f"{location}: {error['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,34 @@
+"""Shared fixtures: small synthetic catalogs, quiet progress output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moon2 import progress
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    progress.set_quiet(True)
+
+
+@pytest.fixture(scope="session")
+def small_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 160-product synthetic catalog with 20% noise and small images (built once)."""
+    from moon2.data.synth.generator import SynthConfig, synth
+
+    progress.set_quiet(True)
+    out = tmp_path_factory.mktemp("catalog")
+    config = SynthConfig(
+        products=160,
+        queries_per_product=1.5,
+        noise=0.2,
+        seed=7,
+        image_size=32,
+        rows_per_part=64,
+        workers=1,
+    )
+    synth(config, out)
+    return out
