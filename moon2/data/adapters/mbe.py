@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import glob as globlib
+import hashlib
 import json
 import os
 import re
@@ -40,7 +41,7 @@ import pyarrow.parquet as pq
 
 from moon2 import progress
 from moon2.data.io import PartWriter
-from moon2.data.schema import PRODUCTS, rejects_schema
+from moon2.data.schema import PRODUCTS, QUERIES, rejects_schema
 from moon2.errors import InputError
 
 STAGE = "convert-mbe"
@@ -67,6 +68,9 @@ class ConvertResult:
     rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     extra_columns: list[str] = field(default_factory=list)
+    merged_repeats: int = 0
+    queries: int = 0
+    queries_rejected: int = 0
 
 
 def _source_files(src: str | os.PathLike[str]) -> list[Path]:
@@ -267,7 +271,7 @@ def _absolute(path: str, base_dir: Path | None) -> str:
     return str((base_dir / path).resolve())
 
 
-RESERVED_EXTRAS = {"mbe_industry_name", "mbe_parse_error"}
+RESERVED_EXTRAS = {"mbe_industry_name", "mbe_parse_error", "mbe_split"}
 
 
 def extra_column(key: str) -> str:
@@ -317,85 +321,279 @@ def _source_keys(files: list[Path]) -> list[str]:
     return list(keys)
 
 
+QUERY_TEXT_COLUMNS = ("query", "query_text", "query_title")
+QUERY_IMAGE_COLUMNS = ("query_image", "query_img", "query_image_url")
+QUERY_ID_COLUMNS = ("query_id", "qid")
+NEGATIVE_COLUMNS = ("negative_ids", "neg_ids", "negatives")
+_SPLIT_WORDS = {"train": "train", "test": "test", "eval": "test", "valid": "test", "dev": "test"}
+
+
+def infer_split(file: Path) -> str | None:
+    """'train' or 'test' from a file name such as ``train-00001.parquet``, else None."""
+    words = re.split(r"[^a-z]+", file.stem.lower())
+    for word in words:
+        if word in _SPLIT_WORDS:
+            return _SPLIT_WORDS[word]
+    return None
+
+
+@dataclass
+class _QueryColumns:
+    text: str | None
+    image: str | None
+    query_id: str | None
+    negatives: str | None
+
+    @property
+    def present(self) -> bool:
+        return self.text is not None or self.image is not None
+
+    def names(self) -> set[str]:
+        return {n for n in (self.text, self.image, self.query_id, self.negatives) if n}
+
+
+def _first_present(keys: list[str], candidates: tuple[str, ...]) -> str | None:
+    return next((c for c in candidates if c in keys), None)
+
+
+def _negatives(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(text)
+        if isinstance(value, str):
+            value = [v for v in re.split(r"[,;\s]+", text) if v]
+    if isinstance(value, (list, tuple)):
+        return [_id_text(v) for v in value if _id_text(v)]
+    return [_id_text(value)]
+
+
+def _content_key(row: dict[str, Any]) -> str:
+    data = {k: row[k] for k in ("title", "category", "attributes")}
+    data["images"] = [
+        (hashlib.sha1(c["bytes"], usedforsecurity=False).hexdigest() if c["bytes"] else c["path"])
+        for c in row["images"] or []
+    ]
+    return hashlib.sha1(
+        json.dumps(data, sort_keys=True, ensure_ascii=False, default=str).encode(),
+        usedforsecurity=False,
+    ).hexdigest()
+
+
 def convert_mbe(
     src: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     industry_as_root: bool = False,
+    split: str | None = None,
     rows_per_part: int = 50_000,
     batch_rows: int = 2048,
 ) -> ConvertResult:
-    """Convert MBE v1-style records at ``src`` into ``out_dir/products`` (+ ``_rejects``).
+    """Convert MBE-style records at ``src`` into ``out_dir/products`` (+ ``queries``, rejects).
 
-    Streams: memory holds one batch of rows plus the set of ids seen (to catch repeats).
+    Query-document pair files (a query text and/or image column next to the product columns)
+    also yield ``queries/``: one query per row, ``positive_id`` = the row's product. A product
+    repeated with identical content (one product bought after several queries) is written
+    once; a repeated id with different content is rejected. ``split`` ('train'/'test', or
+    None to infer it from file names) fills an ``mbe_split`` column on both tables, which
+    ``moon2 build-bench`` can follow (``split.column: mbe_split``).
+
+    Streams: memory holds one batch of rows plus, per product id seen, a content hash.
     """
+    if split not in (None, "train", "test"):
+        raise InputError(f"split must be 'train' or 'test', not {split!r}")
     files = _source_files(src)
     out = Path(out_dir)
     result = ConvertResult(out_dir=out)
-    extra = [extra_column(key) for key in _source_keys(files) if key not in KNOWN_COLUMNS]
-    columns = [*PRODUCTS.arrow_schema(strict=False), pa.field("mbe_industry_name", pa.string())]
-    columns += [pa.field(name, pa.string()) for name in extra if name != "mbe_industry_name"]
+    keys = _source_keys(files)
+    query_columns = _QueryColumns(
+        text=_first_present(keys, QUERY_TEXT_COLUMNS),
+        image=_first_present(keys, QUERY_IMAGE_COLUMNS),
+        query_id=_first_present(keys, QUERY_ID_COLUMNS),
+        negatives=_first_present(keys, NEGATIVE_COLUMNS),
+    )
+    known = KNOWN_COLUMNS | query_columns.names()
+    extra = [extra_column(key) for key in keys if key not in known]
+    columns = [
+        *PRODUCTS.arrow_schema(strict=False),
+        pa.field("mbe_industry_name", pa.string()),
+        pa.field("mbe_split", pa.string()),
+    ]
+    columns += [pa.field(name, pa.string()) for name in extra if name not in RESERVED_EXTRAS]
     schema = pa.schema(columns)
     reject_schema = rejects_schema(pa.schema([*schema, pa.field("mbe_parse_error", pa.string())]))
-    seen: dict[str, tuple[str, int]] = {}
-    rows: list[dict[str, Any]] = []
-    rejects: list[dict[str, Any]] = []
-    with (
-        PartWriter(out / "products", schema, rows_per_part=rows_per_part) as writer,
-        PartWriter(out / "_rejects" / "products", reject_schema) as reject_writer,
-        progress.task("converting MBE records", None) as bar,
-    ):
+    query_schema = pa.schema(
+        [*QUERIES.arrow_schema(strict=False), pa.field("mbe_split", pa.string())]
+    )
+    seen: dict[str, tuple[str, int, str]] = {}
+    buffers: dict[str, list[dict[str, Any]]] = {
+        "products": [],
+        "rejects": [],
+        "queries": [],
+        "query_rejects": [],
+    }
+    writers = {
+        "products": PartWriter(out / "products", schema, rows_per_part=rows_per_part),
+        "rejects": PartWriter(out / "_rejects" / "products", reject_schema),
+    }
+    schemas = {"products": schema, "rejects": reject_schema}
+    if query_columns.present:
+        writers["queries"] = PartWriter(out / "queries", query_schema, rows_per_part=rows_per_part)
+        writers["query_rejects"] = PartWriter(
+            out / "_rejects" / "queries", rejects_schema(query_schema)
+        )
+        schemas["queries"] = query_schema
+        schemas["query_rejects"] = rejects_schema(query_schema)
+    query_ids: set[str] = set()
 
-        def flush() -> None:
+    def flush() -> None:
+        for name, rows in buffers.items():
             if rows:
-                writer.write(pa.Table.from_pylist(rows, schema=schema))
+                writers[name].write(pa.Table.from_pylist(rows, schema=schemas[name]))
                 rows.clear()
-            if rejects:
-                reject_writer.write(pa.Table.from_pylist(rejects, schema=reject_schema))
-                rejects.clear()
 
-        for file in files:
-            for row_number, record, error in _iter_records(file):
-                result.rows_in += 1
-                bar.advance(1)
-                where = f"{file.name} row {row_number}"
-                if record is None:
-                    reason, row = str(error), {"mbe_parse_error": error}
-                else:
-                    row = convert_record(record, industry_as_root, file.parent.resolve())
-                    reason = None
+    try:
+        with progress.task("converting MBE records", None) as bar:
+            for file in files:
+                file_split = split or infer_split(file)
+                base = file.parent.resolve()
+                for row_number, record, error in _iter_records(file):
+                    result.rows_in += 1
+                    bar.advance(1)
+                    where = f"{file.name} row {row_number}"
+                    if record is None:
+                        result.reasons[str(error).split(" (")[0]] = (
+                            result.reasons.get(str(error).split(" (")[0], 0) + 1
+                        )
+                        buffers["rejects"].append(
+                            {
+                                "mbe_parse_error": error,
+                                "reject_stage": STAGE,
+                                "reject_reason": f"{where}: {error}",
+                            }
+                        )
+                        continue
+                    row = convert_record(record, industry_as_root, base)
+                    row["mbe_split"] = file_split
                     product_id = row["product_id"]
+                    reason = None
+                    merged = False
                     if product_id is None:
                         reason = "missing id"
-                    elif product_id in seen:
-                        first_file, first_row = seen[product_id]
-                        reason = f"repeated id (first at {first_file} row {first_row})"
                     elif not row["title"] and not row["images"]:
                         reason = "no doc_title and no doc_image"
-                if reason is None:
-                    seen[row["product_id"]] = (file.name, row_number)
-                    rows.append(row)
-                else:
-                    code = reason.split(" (")[0]
-                    result.reasons[code] = result.reasons.get(code, 0) + 1
-                    row["reject_stage"] = STAGE
-                    row["reject_reason"] = f"{where}: {reason}"
-                    rejects.append(row)
-                if len(rows) + len(rejects) >= batch_rows:
-                    flush()
-        flush()
-    result.products = writer.rows_written
-    result.rejected = reject_writer.rows_written
+                    elif product_id in seen:
+                        first_file, first_row, first_key = seen[product_id]
+                        if _content_key(row) == first_key:
+                            merged = True
+                        else:
+                            reason = f"repeated id (first at {first_file} row {first_row})"
+                    if reason is not None:
+                        code = reason.split(" (")[0]
+                        result.reasons[code] = result.reasons.get(code, 0) + 1
+                        row["reject_stage"] = STAGE
+                        row["reject_reason"] = f"{where}: {reason}"
+                        buffers["rejects"].append(row)
+                    elif merged:
+                        result.merged_repeats += 1
+                    else:
+                        seen[product_id] = (file.name, row_number, _content_key(row))
+                        buffers["products"].append(row)
+                    if query_columns.present:
+                        _add_query(
+                            record,
+                            row,
+                            reason,
+                            where,
+                            file,
+                            row_number,
+                            base,
+                            query_columns,
+                            query_ids,
+                            buffers,
+                            result,
+                        )
+                    if sum(len(rows) for rows in buffers.values()) >= batch_rows:
+                        flush()
+            flush()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    for writer in writers.values():
+        writer.close()
+    result.products = writers["products"].rows_written
+    result.rejected = writers["rejects"].rows_written
+    if query_columns.present:
+        result.queries = writers["queries"].rows_written
+        result.queries_rejected = writers["query_rejects"].rows_written
     result.extra_columns = extra
     out.mkdir(parents=True, exist_ok=True)  # no part was written when the source is empty
     manifest = {
         "stage": STAGE,
         "source": [str(f) for f in files],
         "industry_as_root": industry_as_root,
+        "split": split or "inferred from file names",
         "rows_in": result.rows_in,
         "products": result.products,
+        "merged_repeats": result.merged_repeats,
         "rejected": result.rejected,
         "reject_reasons": result.reasons,
+        "queries": result.queries,
+        "queries_rejected": result.queries_rejected,
+        "query_columns": {
+            "text": query_columns.text,
+            "image": query_columns.image,
+            "query_id": query_columns.query_id,
+            "negatives": query_columns.negatives,
+        },
         "extra_columns": extra,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     return result
+
+
+def _add_query(
+    record: dict[str, Any],
+    product: dict[str, Any],
+    product_reason: str | None,
+    where: str,
+    file: Path,
+    row_number: int,
+    base: Path,
+    columns: _QueryColumns,
+    seen: set[str],
+    buffers: dict[str, list[dict[str, Any]]],
+    result: ConvertResult,
+) -> None:
+    text = _text(record.get(columns.text)) if columns.text else ""
+    images = parse_images(record.get(columns.image), base) if columns.image else None
+    if not text and not images:
+        return  # a product-only row
+    query_id = _id_text(record.get(columns.query_id)) if columns.query_id else ""
+    query_id = query_id or f"{file.stem}:{row_number}"
+    row = {
+        "query_id": query_id,
+        "query_text": text or None,
+        "query_image": images[0] if images else None,
+        "positive_id": product["product_id"],
+        "negative_ids": _negatives(record.get(columns.negatives)) if columns.negatives else None,
+        "ts": None,
+        "mbe_split": product.get("mbe_split"),
+    }
+    reason = None
+    if query_id in seen:
+        reason = f"repeated query id {query_id}"
+    elif product_reason is not None and product_reason != "no doc_title and no doc_image":
+        reason = f"its product was rejected ({product_reason})"
+    elif product["product_id"] is None:
+        reason = "no product id"
+    if reason is None:
+        seen.add(query_id)
+        buffers["queries"].append(row)
+    else:
+        row["reject_stage"] = STAGE
+        row["reject_reason"] = f"{where}: {reason}"
+        buffers["query_rejects"].append(row)

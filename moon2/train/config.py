@@ -1,0 +1,191 @@
+"""Configuration of ``moon2 train`` (one YAML per recipe under ``configs/train/``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from moon2.config import Config
+
+OBJECTIVES: tuple[str, ...] = ("t2mm", "i2mm", "mm2mm", "intra")
+"""Training objectives: three inter-product query views and the intra-product alignment."""
+
+
+class TinyBackboneConfig(Config):
+    """Size of the random-init Qwen2-VL built from a config (the CPU default backbone)."""
+
+    hidden_size: int = Field(128, ge=32, description="Decoder hidden size.")
+    layers: int = Field(2, ge=1, description="Decoder layers.")
+    vision_depth: int = Field(2, ge=1, description="Vision transformer blocks.")
+    init_token_embeddings: Literal["smollm2", "random"] = Field(
+        "smollm2",
+        description="smollm2: token embeddings start as a PCA of SmolLM2-135M's (same "
+        "tokenizer), so related words start close; random: the usual random init.",
+    )
+
+
+class LoraConfig(Config):
+    """LoRA adapters on the backbone (peft), for large models."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of the full backbone.")
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Adapter scaling numerator.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Adapter dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names that get adapters (MoE experts and router train fully).",
+    )
+
+
+class ModelConfig(Config):
+    """The backbone and how an embedding is read from it."""
+
+    backbone: str = Field(
+        "tiny",
+        description="'tiny' (a Qwen2-VL built from tiny_* below, random init, SmolLM2 "
+        "tokenizer), or a Hugging Face hub id / local path of a vision-language model "
+        "(Qwen2-VL / Qwen2.5-VL family first).",
+    )
+    tiny: TinyBackboneConfig = Field(default_factory=TinyBackboneConfig)
+    pooling: Literal["mean", "last", "eos"] = Field(
+        "mean", description="mean of last hidden states (paper), the last real token, or EOS."
+    )
+    pool_prefix: Literal["skip", "include"] = Field(
+        "skip",
+        description="skip: leave the chat template's fixed opening tokens (identical for "
+        "every input; under causal attention their states never depend on the input) out of "
+        "the pooling; include: pool over literally all tokens.",
+    )
+    projection_dim: int | None = Field(
+        None, ge=8, description="Optional linear projection of the pooled state."
+    )
+    max_text_tokens: int = Field(64, ge=8, description="Text truncation (tokens).")
+    image_min_pixels: int = Field(56 * 56, ge=28 * 28, description="Processor min_pixels.")
+    image_max_pixels: int = Field(112 * 112, ge=28 * 28, description="Processor max_pixels.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is slow on CPUs)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow hub model code to run.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class MoEConfig(Config):
+    """Modality-driven MoE replacing decoder FFNs."""
+
+    enabled: bool = Field(True, description="false = the dense model (ablation 'w/o MoE').")
+    num_experts: int = Field(4, ge=2, description="Experts Z per MoE layer.")
+    top_k: int = Field(2, ge=1, description="Experts per token.")
+    layers: str = Field(
+        "last:1", description="Which decoder layers: 'all', 'last:N', or comma-separated indices."
+    )
+    upcycle_noise: float = Field(
+        0.0, ge=0, description="Std of noise added to the expert copies (0 = exact copies)."
+    )
+    rho: float = Field(0.01, ge=0, description="Weight of the load-balancing loss L_aux.")
+    varsigma: float = Field(0.01, ge=0, description="Weight of the specialisation loss.")
+    objective_weighting: Literal["balance", "paper", "off"] = Field(
+        "balance",
+        description="How omega_m (from W* and routing) weights the objectives. balance "
+        "(moon2's choice): the model sees omega as constants and W* ascends the weighted loss, "
+        "so harder objectives get more weight; paper: omega with its full gradient, which in "
+        "our runs shifts the weight onto the easiest objective; off: every weight 1.",
+    )
+    normalize_omega: bool = Field(
+        True, description="Rescale omega to sum to the number of objectives in the batch."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MoEConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError("top_k must not exceed num_experts")
+        return self
+
+
+class LossConfig(Config):
+    """Contrastive objectives."""
+
+    intra: bool = Field(
+        True, description="Intra-product image<->text alignment (false: 'w/o dual-level')."
+    )
+    intra_products: Literal["positives", "all"] = Field(
+        "positives",
+        description="Products aligned by the intra loss: the batch's positives, or every "
+        "candidate (negatives too; about twice the cost).",
+    )
+    temperature: float = Field(0.05, gt=0, description="Inter-product InfoNCE temperature.")
+    intra_temperature: float = Field(0.05, gt=0, description="Intra-product temperature.")
+    learnable_temperature: bool = Field(True, description="Learn both temperatures.")
+    in_batch_negatives: bool = Field(
+        True, description="Every other candidate of the (global) batch is also a negative."
+    )
+
+
+class DataConfig(Config):
+    """Triplets and what goes into each encoder input."""
+
+    use_augmented: bool = Field(
+        True,
+        description="Append aug_title / aug_images to candidates when the catalog has them "
+        "(false: 'w/o co-augmentation').",
+    )
+    max_negatives: int = Field(2, ge=0, description="Given negatives per query (of negative_ids).")
+    max_images: int = Field(2, ge=1, description="Product images per candidate (main first).")
+    max_aug_images: int = Field(1, ge=0, description="Expanded images appended per candidate.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+
+class FilterConfig(Config):
+    """Dynamic sample filtering (scores every sample every epoch)."""
+
+    enabled: bool = Field(True, description="false: 'w/o dynamic filtering' (scores still kept).")
+    policy: Literal["margin_weighting", "loss_prune", "none"] = Field(
+        "margin_weighting",
+        description="margin_weighting: phi < tau down-weighted (paper); loss_prune: after the "
+        "warm-up, the highest-loss fraction is dropped for the next epoch and re-scored; none.",
+    )
+    kappa: float = Field(10.0, gt=0, description="Sharpness of phi = sigmoid(kappa (m - m_bar)).")
+    tau: float = Field(0.6, gt=0, lt=1, description="Reliability threshold.")
+    m_bar_start: float = Field(0.2, description="Margin expected of a reliable triplet, early.")
+    m_bar_end: float = Field(0.0, description="... and at the end (m_bar decays linearly).")
+    low_weight: Literal["phi", "zero"] = Field(
+        "phi", description="Weight of an unreliable triplet: its phi, or zero."
+    )
+    prune_fraction: float = Field(0.1, ge=0, lt=1, description="loss_prune: share dropped.")
+    warmup_epochs: int = Field(1, ge=0, description="Epochs before any filtering applies.")
+
+
+class OptimConfig(Config):
+    """Optimisation."""
+
+    epochs: int = Field(6, ge=1, description="Passes over the training queries.")
+    batch_size: int = Field(16, ge=2, description="Queries per step per process.")
+    grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of updates spent warming up.")
+    clip_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clipping.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many updates.")
+
+
+class CheckpointConfig(Config):
+    """Checkpoints for resuming."""
+
+    every_steps: int = Field(200, ge=1, description="Save a checkpoint every N updates.")
+    keep: int = Field(2, ge=1, description="Checkpoints kept (older ones are deleted).")
+
+
+class TrainConfig(Config):
+    """``moon2 train``: the MOON2.0 trainer."""
+
+    seed: int = Field(0, ge=0, description="Seed of initialisation, data order and dropout.")
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log_every: int = Field(10, ge=1, description="Write metrics.jsonl every N updates.")

@@ -1,0 +1,390 @@
+"""Training triplets: queries joined to their positive and negative products.
+
+The products and queries tables are copied once into Arrow IPC files under
+``OUT/cache/`` and memory-mapped, so the map-style dataset reads any row in O(1) without
+holding the catalog (or its images) in memory, in the main process and in every DataLoader
+worker alike.
+
+Rows that cannot be trained on reach ``OUT/_rejects/queries`` with the reason: a positive
+that is not in the products, a query with neither text nor image (found when the index is
+built), or a query image that does not decode (found when the row is read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import torch
+
+from moon2 import progress
+from moon2.data.images import decode_image
+from moon2.data.io import count_rows, iter_batches
+from moon2.data.schema import PRODUCTS, QUERIES
+from moon2.errors import ImageDecodeError, InputError
+from moon2.models.base import EncodeItem
+from moon2.train.config import DataConfig, ModelConfig
+from moon2.train.inputs import build_inputs
+
+VIEWS: tuple[str, ...] = ("t2mm", "i2mm", "mm2mm")
+
+
+def id_hash(value: str) -> int:
+    """A stable signed 64-bit hash of an id (to compare ids across ranks as tensors)."""
+    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+class ArrowStore:
+    """A Parquet dataset copied to one memory-mapped Arrow IPC file, read row by row."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._reader: ipc.RecordBatchFileReader | None = None
+        self._table: pa.Table | None = None
+
+    @classmethod
+    def build(cls, source: Path, target: Path, spec: Any, label: str) -> ArrowStore:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        schema = None
+        writer = None
+        try:
+            with progress.task(label, count_rows(source)) as bar:
+                for batch in iter_batches(source, spec, batch_rows=1024):
+                    table = batch.table
+                    if schema is None:
+                        schema = table.schema
+                        writer = ipc.new_file(str(temp), schema)
+                    table = _align(table, schema)
+                    writer.write_table(table, max_chunksize=1024)
+                    bar.advance(table.num_rows)
+            if writer is None:
+                raise InputError(f"{source} has no rows")
+            writer.close()
+            os.replace(temp, target)
+        finally:
+            if temp.exists():
+                temp.unlink()
+        return cls(target)
+
+    @property
+    def table(self) -> pa.Table:
+        if self._table is None:  # opened lazily: each worker process maps the file itself
+            source = pa.memory_map(str(self.path), "r")
+            self._table = ipc.open_file(source).read_all()
+        return self._table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def row(self, index: int) -> dict[str, Any]:
+        return self.table.slice(index, 1).to_pylist()[0]
+
+    def column(self, name: str) -> list[Any]:
+        return self.table.column(name).to_pylist()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_reader": None, "_table": None}
+
+
+def _align(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    columns = []
+    for field_ in schema:
+        if field_.name in table.column_names:
+            columns.append(table.column(field_.name).cast(field_.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field_.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+@dataclass
+class TripletIndex:
+    """Which query rows train, with their positive and negative product rows."""
+
+    query_rows: np.ndarray
+    positive_rows: np.ndarray
+    negative_rows: list[list[int]]
+    query_ids: list[str]
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    negatives_unknown: int = 0
+
+
+def build_index(products: ArrowStore, queries: ArrowStore) -> TripletIndex:
+    product_ids = products.column("product_id")
+    row_of = {pid: i for i, pid in enumerate(product_ids) if pid}
+    query_ids = queries.column("query_id")
+    texts = queries.column("query_text")
+    has_image = queries.table.column("query_image").is_valid().to_pylist()
+    positives = queries.column("positive_id")
+    negatives = queries.column("negative_ids")
+    keep_rows, keep_pos, keep_neg, keep_ids = [], [], [], []
+    rejected: list[tuple[int, str]] = []
+    unknown = 0
+    seen: set[str] = set()
+    for i, query_id in enumerate(query_ids):
+        reason = None
+        if not query_id:
+            reason = "query_id is empty"
+        elif query_id in seen:
+            reason = f"repeated query_id {query_id}"
+        elif not (texts[i] and texts[i].strip()) and not has_image[i]:
+            reason = "no query_text and no query_image"
+        elif positives[i] not in row_of:
+            reason = f"positive_id {positives[i]!r} is not in products"
+        if reason is not None:
+            rejected.append((i, reason))
+            continue
+        seen.add(query_id)
+        negative_rows = []
+        for negative in negatives[i] or []:
+            if negative in row_of and negative != positives[i]:
+                negative_rows.append(row_of[negative])
+            else:
+                unknown += 1
+        keep_rows.append(i)
+        keep_pos.append(row_of[positives[i]])
+        keep_neg.append(negative_rows)
+        keep_ids.append(query_id)
+    return TripletIndex(
+        query_rows=np.asarray(keep_rows, np.int64),
+        positive_rows=np.asarray(keep_pos, np.int64),
+        negative_rows=keep_neg,
+        query_ids=keep_ids,
+        rejected=rejected,
+        negatives_unknown=unknown,
+    )
+
+
+def _decode_all(cells: Sequence[dict[str, Any] | None], limit: int) -> tuple[list[Any], int]:
+    images, failed = [], 0
+    for cell in cells:
+        if len(images) >= limit:
+            break
+        if cell is None:
+            continue
+        try:
+            images.append(decode_image(cell))
+        except ImageDecodeError:
+            failed += 1
+    return images, failed
+
+
+class TripletDataset(torch.utils.data.Dataset):
+    """Map-style dataset of (query views, positive, negatives) samples."""
+
+    def __init__(
+        self,
+        products: ArrowStore,
+        queries: ArrowStore,
+        index: TripletIndex,
+        config: DataConfig,
+        seed: int,
+    ) -> None:
+        self.products = products
+        self.queries = queries
+        self.index = index
+        self.config = config
+        self.seed = seed
+        self.epoch = 0
+        names = set(products.table.column_names)
+        self.has_aug_title = config.use_augmented and "aug_title" in names
+        self.has_aug_images = config.use_augmented and "aug_images" in names
+
+    def __len__(self) -> int:
+        return len(self.index.query_rows)
+
+    def product(self, row: int) -> dict[str, Any]:
+        record = self.products.row(row)
+        title = (record.get("title") or "").strip()
+        text = title
+        if self.has_aug_title and record.get("aug_title"):
+            text = f"{title}\n{record['aug_title']}".strip()
+        images, failed = _decode_all(record.get("images") or [], self.config.max_images)
+        if self.has_aug_images and self.config.max_aug_images:
+            extra, more = _decode_all(record.get("aug_images") or [], self.config.max_aug_images)
+            images += extra
+            failed += more
+        return {
+            "product_id": record["product_id"],
+            "text": text or None,
+            "title": title or None,
+            "images": images,
+            "main_image": images[0] if images and record.get("images") else None,
+            "images_failed": failed,
+        }
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        query = self.queries.row(int(self.index.query_rows[position]))
+        sample: dict[str, Any] = {"position": position, "query_id": query["query_id"]}
+        image = None
+        if query.get("query_image") is not None:
+            try:
+                image = decode_image(query["query_image"])
+            except ImageDecodeError as exc:
+                sample["rejected"] = f"query_image: {exc}"
+                return sample
+        text = (query.get("query_text") or "").strip() or None
+        views = {}
+        if text:
+            views["t2mm"] = EncodeItem(text=text)
+        if image is not None:
+            views["i2mm"] = EncodeItem(images=[image])
+        if text and image is not None:
+            views["mm2mm"] = EncodeItem(text=text, images=[image])
+        sample["views"] = views
+        sample["positive"] = self.product(int(self.index.positive_rows[position]))
+        negatives = self.index.negative_rows[position]
+        if negatives and self.config.max_negatives:
+            # a different subset each epoch, reproducible from (seed, epoch, sample)
+            rng = random.Random(f"{self.seed}:{self.epoch}:{position}")
+            chosen = rng.sample(negatives, min(len(negatives), self.config.max_negatives))
+        else:
+            chosen = []
+        sample["negatives"] = [self.product(row) for row in chosen]
+        return sample
+
+
+GROUPS: tuple[str, ...] = ("candidates", *VIEWS, "intra_image", "intra_text")
+
+
+@dataclass
+class Batch:
+    """Tensors and bookkeeping of one step (built in DataLoader workers).
+
+    Every item of the step (candidates, query views, intra-product images and texts) goes
+    through one processor call and one model forward; ``groups`` says which rows are which.
+    One large forward costs far less than six small ones: the backbone's per-call overhead
+    dominates at small sizes.
+    """
+
+    positions: list[int]
+    query_ids: list[str]
+    inputs: dict[str, torch.Tensor] | None
+    groups: dict[str, tuple[int, int]]
+    """group name -> [start, end) rows of ``inputs``"""
+    view_rows: dict[str, list[int]]
+    """view -> the samples (rows of ``positions``) that have it, in group order"""
+    candidate_ids: list[str]
+    positive_col: list[int]
+    negative_cols: list[list[int]]
+    intra_ids: list[str]
+    rejected: list[tuple[str, str]]
+    images_failed: int
+
+    def to(self, device: torch.device) -> Batch:
+        inputs = None if self.inputs is None else {k: v.to(device) for k, v in self.inputs.items()}
+        return dataclasses.replace(self, inputs=inputs)
+
+
+class Collator:
+    """Builds a :class:`Batch`: de-duplicated candidates, one processor call for the step."""
+
+    def __init__(
+        self,
+        processor: Any,
+        model_config: ModelConfig,
+        intra: bool,
+        intra_products: str = "positives",
+    ) -> None:
+        self.processor = processor
+        self.max_text_tokens = model_config.max_text_tokens
+        self.intra = intra
+        self.intra_products = intra_products
+
+    def __call__(self, samples: list[dict[str, Any]]) -> Batch:
+        rejected = [(s["query_id"], s["rejected"]) for s in samples if "rejected" in s]
+        samples = [s for s in samples if "rejected" not in s]
+        if not samples:
+            return Batch([], [], None, {}, {}, [], [], [], [], rejected, 0)
+        candidate_ids: list[str] = []
+        candidate_items: list[EncodeItem] = []
+        products: dict[str, dict[str, Any]] = {}
+        column: dict[str, int] = {}
+        failed = 0
+
+        def add(product: dict[str, Any]) -> int:
+            nonlocal failed
+            pid = product["product_id"]
+            if pid not in column:
+                column[pid] = len(candidate_ids)
+                candidate_ids.append(pid)
+                candidate_items.append(EncodeItem(text=product["text"], images=product["images"]))
+                products[pid] = product
+                failed += product["images_failed"]
+            return column[pid]
+
+        positive_col = [add(s["positive"]) for s in samples]
+        negative_cols = [[add(n) for n in s["negatives"]] for s in samples]
+        items: dict[str, list[EncodeItem]] = {"candidates": candidate_items}
+        view_rows: dict[str, list[int]] = {}
+        for view in VIEWS:
+            rows = [i for i, s in enumerate(samples) if view in s["views"]]
+            if rows:
+                view_rows[view] = rows
+                items[view] = [samples[i]["views"][view] for i in rows]
+        intra_ids: list[str] = []
+        if self.intra:
+            pool = (
+                [products[candidate_ids[c]] for c in dict.fromkeys(positive_col)]
+                if self.intra_products == "positives"
+                else list(products.values())
+            )
+            both = [p for p in pool if p["title"] and p["main_image"] is not None]
+            if len(both) >= 2:
+                intra_ids = [p["product_id"] for p in both]
+                items["intra_image"] = [EncodeItem(images=[p["main_image"]]) for p in both]
+                items["intra_text"] = [EncodeItem(text=p["title"]) for p in both]
+        groups: dict[str, tuple[int, int]] = {}
+        flat: list[EncodeItem] = []
+        for name in GROUPS:
+            if name in items:
+                groups[name] = (len(flat), len(flat) + len(items[name]))
+                flat.extend(items[name])
+        return Batch(
+            positions=[s["position"] for s in samples],
+            query_ids=[s["query_id"] for s in samples],
+            inputs=build_inputs(self.processor, flat, self.max_text_tokens),
+            groups=groups,
+            view_rows=view_rows,
+            candidate_ids=candidate_ids,
+            positive_col=positive_col,
+            negative_cols=negative_cols,
+            intra_ids=intra_ids,
+            rejected=rejected,
+            images_failed=failed,
+        )
+
+
+def prepare_stores(data_dir: Path, cache: Path) -> tuple[ArrowStore, ArrowStore]:
+    """Memory-mappable copies of DATA/products and DATA/queries (rebuilt when stale)."""
+    stores = []
+    for name, spec in (("products", PRODUCTS), ("queries", QUERIES)):
+        source = data_dir / name
+        if not source.exists():
+            raise InputError(f"{data_dir} has no {name}/ table (moon2 train needs both)")
+        target = cache / f"{name}.arrow"
+        stamp = cache / f"{name}.source"
+        signature = _signature(source)
+        if target.exists() and stamp.exists() and stamp.read_text() == signature:
+            stores.append(ArrowStore(target))
+            continue
+        stores.append(ArrowStore.build(source, target, spec, f"caching {name}"))
+        stamp.write_text(signature)
+    return stores[0], stores[1]
+
+
+def _signature(source: Path) -> str:
+    from moon2.data.io import resolve_files
+
+    parts = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in resolve_files(source)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()

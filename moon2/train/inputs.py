@@ -1,0 +1,62 @@
+"""Turn items (text, images, both) into the token and pixel tensors of a Qwen2-VL-style model.
+
+Every item becomes one user turn of the model's chat template: one image placeholder per
+image, then the text. Texts are truncated on their own tokens first, so truncation never cuts
+image tokens. Padding is on the right (mean pooling ignores pads through the attention mask).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from moon2.models.base import EncodeItem
+
+
+def configure_processor(processor: Any, min_pixels: int, max_pixels: int) -> Any:
+    """Bound the image resolution (token count) the processor produces."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None:
+        for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+            if hasattr(image_processor, name):
+                setattr(image_processor, name, value)
+        size = getattr(image_processor, "size", None)
+        if isinstance(size, dict) and {"shortest_edge", "longest_edge"} <= set(size):
+            image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return processor
+
+
+def truncate_text(tokenizer: Any, text: str, max_tokens: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[:max_tokens])
+
+
+def build_inputs(
+    processor: Any, items: Sequence[EncodeItem], max_text_tokens: int
+) -> dict[str, torch.Tensor]:
+    """Processor tensors for ``items`` (an item without text and images gets an empty turn)."""
+    prompts: list[str] = []
+    images: list[Any] = []
+    for item in items:
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in item.images]
+        if item.text:
+            content.append(
+                {
+                    "type": "text",
+                    "text": truncate_text(processor.tokenizer, item.text, max_text_tokens),
+                }
+            )
+        prompts.append(
+            processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        )
+        images.extend(item.images)
+    encoded = processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
+    return dict(encoded)

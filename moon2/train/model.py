@@ -1,0 +1,383 @@
+"""The MOON2.0 encoder: a vision-language backbone, MoE FFNs, pooling, optional projection.
+
+One model embeds text-only, image-only and image+text inputs into one L2-normalised space.
+A finished model is a directory (``moon2_model.json``, the backbone ``config.json``, the
+processor files and ``model.safetensors``) that :func:`load_model` restores without running
+any pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moon2.errors import InputError
+from moon2.models.base import EncodeItem, Encoder, quiet_loading, resolve_device
+from moon2.train.config import ModelConfig, MoEConfig
+from moon2.train.inputs import build_inputs, configure_processor
+from moon2.train.moe import MoEMLP, Routing, sample_gates
+
+FORMAT_VERSION = 1
+MARKER = "moon2_model.json"
+
+
+def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Hugging Face (vision-)language model."""
+    for path in ("language_model.layers", "model.language_model.layers", "model.layers", "layers"):
+        module: Any = backbone
+        try:
+            for part in path.split("."):
+                module = getattr(module, part)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.ModuleList) and len(module) and hasattr(module[0], "mlp"):
+            return module
+    raise InputError(
+        f"cannot find decoder layers with an .mlp in {type(backbone).__name__}; moon2 supports "
+        "Qwen2-VL-style backbones (language_model.layers[i].mlp)"
+    )
+
+
+def select_layers(spec: str, count: int) -> list[int]:
+    """'all', 'last:N' or '0,3,5' -> sorted layer indices."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(count))
+    if spec.startswith("last:"):
+        n = int(spec.split(":", 1)[1])
+        if not 1 <= n <= count:
+            raise InputError(f"moe.layers {spec!r}: the backbone has {count} decoder layers")
+        return list(range(count - n, count))
+    try:
+        indices = sorted({int(part) for part in spec.split(",")})
+    except ValueError:
+        raise InputError(f"moe.layers must be 'all', 'last:N' or indices, got {spec!r}") from None
+    if not indices or indices[0] < 0 or indices[-1] >= count:
+        raise InputError(f"moe.layers {spec!r} is out of range for {count} decoder layers")
+    return indices
+
+
+def apply_moe(backbone: nn.Module, config: MoEConfig, hidden_size: int) -> list[MoEMLP]:
+    """Replace the chosen layers' FFN by upcycled MoE FFNs; returns the MoE modules."""
+    layers = decoder_layers(backbone)
+    moe_layers = []
+    for index in select_layers(config.layers, len(layers)):
+        layer = layers[index]
+        if isinstance(layer.mlp, MoEMLP):
+            moe_layers.append(layer.mlp)
+            continue
+        layer.mlp = MoEMLP(
+            layer.mlp, hidden_size, config.num_experts, config.top_k, config.upcycle_noise
+        )
+        moe_layers.append(layer.mlp)
+    return moe_layers
+
+
+def pool(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    input_ids: torch.Tensor | None = None,
+    eos_token_id: int | None = None,
+) -> torch.Tensor:
+    """mean: over real tokens; last: the last real token; eos: the last EOS (else last)."""
+    mask = mask.to(hidden.dtype)
+    if mode == "mean":
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+    lengths = mask.sum(1).long().clamp_min(1)
+    positions = lengths - 1
+    if mode == "eos" and input_ids is not None and eos_token_id is not None:
+        is_eos = (input_ids == eos_token_id) & mask.bool()
+        index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        last_eos = torch.where(is_eos, index, torch.full_like(index, -1)).max(1).values
+        positions = torch.where(last_eos >= 0, last_eos, positions)
+    elif mode not in ("last", "eos"):
+        raise ValueError(f"unknown pooling {mode!r}")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
+
+
+@dataclass
+class Encoded:
+    embeddings: torch.Tensor
+    """[B, D] L2-normalised"""
+    gates: torch.Tensor | None
+    """[B, Z] per-sample mean routing weights (None without MoE)"""
+    routings: list[Routing]
+
+    def rows(self, start: int, end: int) -> Encoded:
+        """The part of a batch encoding that belongs to rows [start, end)."""
+        return Encoded(
+            embeddings=self.embeddings[start:end],
+            gates=None if self.gates is None else self.gates[start:end],
+            routings=[
+                Routing(
+                    probs=r.probs[start:end],
+                    gates=r.gates[start:end],
+                    chosen=r.chosen[start:end],
+                    mask=None if r.mask is None else r.mask[start:end],
+                )
+                for r in self.routings
+            ],
+        )
+
+
+def template_prefix_tokens(processor: Any) -> int:
+    """How many tokens every chat-formatted input starts with, whatever its content."""
+
+    def ids(text: str) -> list[int]:
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "text", "text": text}]}], tokenize=False
+        )
+        return processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    first, second = ids("alpha"), ids("zebra 9")
+    common = 0
+    while common < min(len(first), len(second)) and first[common] == second[common]:
+        common += 1
+    return common
+
+
+def hidden_size_of(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.hidden_size)
+
+
+class Moon2Model(nn.Module):
+    """Backbone (+ MoE) + pooling (+ projection) -> L2-normalised embeddings."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        model_config: ModelConfig,
+        moe_config: MoEConfig,
+        eos_token_id: int | None = None,
+        prefix_tokens: int = 0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.prefix_tokens = prefix_tokens if model_config.pool_prefix == "skip" else 0
+        self.model_config = model_config
+        self.moe_config = moe_config
+        self.eos_token_id = eos_token_id
+        hidden = hidden_size_of(backbone.config)
+        self.moe_layers = apply_moe(backbone, moe_config, hidden) if moe_config.enabled else []
+        self.projection = (
+            nn.Linear(hidden, model_config.projection_dim, bias=False)
+            if model_config.projection_dim
+            else None
+        )
+        self.embedding_dim = model_config.projection_dim or hidden
+
+    def encode(self, inputs: dict[str, torch.Tensor]) -> Encoded:
+        mask = inputs["attention_mask"]
+        for layer in self.moe_layers:
+            layer.token_mask = mask
+            layer.last_routing = None
+        outputs = self.backbone(**inputs)
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        pool_mask = mask
+        if self.prefix_tokens:
+            pool_mask = mask.clone()
+            pool_mask[:, : self.prefix_tokens] = 0
+        pooled = pool(
+            hidden.float(),
+            pool_mask,
+            self.model_config.pooling,
+            inputs.get("input_ids"),
+            self.eos_token_id,
+        )
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        embeddings = torch.nn.functional.normalize(pooled, dim=-1)
+        routings = [layer.last_routing for layer in self.moe_layers if layer.last_routing]
+        for layer in self.moe_layers:
+            layer.token_mask = None
+            layer.last_routing = None
+        gates = sample_gates(routings) if routings else None
+        return Encoded(embeddings, gates, routings)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encode(inputs).embeddings
+
+
+# --- building the backbone ---------------------------------------------------------------
+
+
+def build_backbone(config: ModelConfig, seed: int) -> tuple[nn.Module, Any]:
+    """(backbone, processor) for ``config.backbone``: 'tiny', a hub id or a local path."""
+    with quiet_loading():
+        if config.backbone == "tiny":
+            from transformers import Qwen2VLModel
+
+            from moon2.models.offline import (
+                VISION_TOKENS,
+                tiny_qwen2vl_config,
+                tiny_qwen2vl_processor,
+            )
+
+            processor = tiny_qwen2vl_processor()
+            tokenizer = processor.tokenizer
+            special = dict(
+                zip(
+                    VISION_TOKENS, tokenizer.convert_tokens_to_ids(list(VISION_TOKENS)), strict=True
+                )
+            )
+            special.update(
+                bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id
+            )
+            backbone_config = tiny_qwen2vl_config(
+                len(tokenizer),
+                special,
+                config.tiny.hidden_size,
+                config.tiny.layers,
+                config.tiny.vision_depth,
+            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                backbone = Qwen2VLModel(backbone_config)
+            if config.tiny.init_token_embeddings == "smollm2":
+                _init_from_smollm2(backbone, config.tiny.hidden_size)
+        else:
+            from transformers import AutoModel, AutoProcessor
+
+            try:
+                processor = AutoProcessor.from_pretrained(
+                    config.backbone, trust_remote_code=config.trust_remote_code
+                )
+                backbone = AutoModel.from_pretrained(
+                    config.backbone,
+                    trust_remote_code=config.trust_remote_code,
+                    torch_dtype=torch.float32,
+                )
+            except OSError as exc:
+                raise InputError(
+                    f"cannot load the backbone {config.backbone!r}: {exc}. Offline, give a "
+                    "local directory (config.json, weights, processor files)."
+                ) from None
+    configure_processor(processor, config.image_min_pixels, config.image_max_pixels)
+    return backbone, processor
+
+
+def _init_from_smollm2(backbone: nn.Module, hidden_size: int) -> None:
+    from moon2.models.offline import smollm2_token_embeddings
+
+    pretrained = smollm2_token_embeddings(hidden_size)
+    embedding = backbone.get_input_embeddings()
+    with torch.no_grad():
+        scale = embedding.weight.std() / pretrained.std()  # keep the init's overall scale
+        embedding.weight[: len(pretrained)] = pretrained * scale
+
+
+# --- saving and loading -------------------------------------------------------------------
+
+
+def save_model(model: Moon2Model, processor: Any, out_dir: str | os.PathLike[str]) -> Path:
+    """Write a self-contained, pickle-free model directory."""
+    from safetensors.torch import save_model as save_safetensors
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.backbone.config.save_pretrained(out)
+    processor.save_pretrained(out)
+    save_safetensors(model, str(out / "model.safetensors"))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": model.model_config.model_dump(mode="json"),
+        "moe": model.moe_config.model_dump(mode="json"),
+        "embedding_dim": model.embedding_dim,
+        "eos_token_id": model.eos_token_id,
+        "prefix_tokens": model.prefix_tokens,
+        "backbone_class": type(model.backbone).__name__,
+    }
+    (out / MARKER).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def _lenient(cls: Any, data: dict[str, Any], root: Path) -> Any:
+    """Validate a saved config section, ignoring training-only keys of other moon2 versions."""
+    from pydantic import ValidationError
+
+    known = {k: v for k, v in data.items() if k in cls.model_fields}
+    try:
+        return cls.model_validate(known)
+    except ValidationError as exc:
+        raise InputError(f"{root}/{MARKER} has an invalid {cls.__name__}: {exc}") from None
+
+
+def load_moon2_model(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu"
+) -> tuple[Moon2Model, Any]:
+    """(model, processor) from a directory written by :func:`save_model`."""
+    from safetensors.torch import load_model as load_safetensors
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    root = Path(path)
+    meta_path = root / MARKER
+    if not meta_path.exists():
+        raise InputError(f"{root} is not a moon2 model directory (no {MARKER})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{root}: unsupported moon2 model format {meta.get('format_version')}")
+    model_config = _lenient(ModelConfig, meta["model"], root)
+    moe_config = _lenient(MoEConfig, meta["moe"], root)
+    with quiet_loading():
+        config = AutoConfig.from_pretrained(root, trust_remote_code=model_config.trust_remote_code)
+        backbone = AutoModel.from_config(config, trust_remote_code=model_config.trust_remote_code)
+        processor = AutoProcessor.from_pretrained(
+            root, trust_remote_code=model_config.trust_remote_code
+        )
+    configure_processor(processor, model_config.image_min_pixels, model_config.image_max_pixels)
+    model = Moon2Model(
+        backbone, model_config, moe_config, meta.get("eos_token_id"), meta.get("prefix_tokens", 0)
+    )
+    missing, unexpected = load_safetensors(model, str(root / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise InputError(
+            f"{root}/model.safetensors does not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    return model.to(device).eval(), processor
+
+
+class Moon2Encoder(Encoder):
+    """A trained moon2 model behind the evaluation :class:`Encoder` interface."""
+
+    def __init__(
+        self, model: Moon2Model, processor: Any, device: torch.device, name: str = "moon2"
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.processor = processor
+        self.device = device
+        self.name = name
+
+    @property
+    def dim(self) -> int:
+        return self.model.embedding_dim
+
+    @torch.inference_mode()
+    def encode(self, items: Sequence[EncodeItem]) -> np.ndarray:
+        out = np.zeros((len(items), self.dim), np.float32)
+        rows = [i for i, item in enumerate(items) if item.text or item.images]
+        if not rows:
+            return out
+        inputs = build_inputs(
+            self.processor, [items[i] for i in rows], self.model.model_config.max_text_tokens
+        )
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        out[rows] = self.model.encode(inputs).embeddings.float().cpu().numpy()
+        return out
+
+
+def load_model(path: str | os.PathLike[str], device: torch.device | str = "auto") -> Moon2Encoder:
+    """Load a finished moon2 model (``OUT/final``) as an encoder: ``.encode(items)``."""
+    torch_device = resolve_device(device) if isinstance(device, str) else device
+    model, processor = load_moon2_model(path, torch_device)
+    return Moon2Encoder(model, processor, torch_device, name=f"moon2:{Path(path)}")

@@ -1,0 +1,256 @@
+"""One training step's loss: the module DDP wraps (a single forward per step).
+
+``L = sum_v omega_v L_inter^v + omega_intra L_intra + rho L_aux + varsigma L_sparsity``, with
+per-sample dynamic-filter weights inside each ``L_inter^v``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moon2.curate.dynamic import FilterPolicy
+from moon2.train.config import OBJECTIVES, TrainConfig
+from moon2.train.data import VIEWS, Batch, id_hash
+from moon2.train.losses import (
+    Temperature,
+    gather_no_grad,
+    gather_with_grad,
+    inter_product_nce,
+    intra_product_nce,
+    weighted_mean,
+)
+from moon2.train.model import Encoded, Moon2Model
+from moon2.train.moe import ObjectiveMixer, load_balancing_loss, routing_usage
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+    omega: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, list[float]] = field(default_factory=dict)
+    positions: list[int] = field(default_factory=list)
+    sample_loss: torch.Tensor | None = None
+    margin: torch.Tensor | None = None
+    phi: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_padded(
+    embeddings: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Candidates of every rank (padded to the largest), their id hashes, a validity mask, and
+    this rank's column offset."""
+    rank, world = _world()
+    if world == 1:
+        valid = torch.ones(len(embeddings), dtype=torch.bool, device=embeddings.device)
+        return embeddings, ids, valid, 0
+    size = torch.tensor([len(embeddings)], device=embeddings.device)
+    sizes = gather_no_grad(size).tolist()
+    longest = max(sizes)
+    pad = longest - len(embeddings)
+    padded = torch.cat([embeddings, embeddings.new_zeros(pad, embeddings.shape[1])])
+    padded_ids = torch.cat([ids, ids.new_zeros(pad)])
+    valid = torch.cat(
+        [
+            torch.ones(len(embeddings), dtype=torch.bool, device=embeddings.device),
+            torch.zeros(pad, dtype=torch.bool, device=embeddings.device),
+        ]
+    )
+    return (
+        gather_with_grad(padded),
+        gather_no_grad(padded_ids),
+        gather_no_grad(valid),
+        rank * longest,
+    )
+
+
+class Objective(nn.Module):
+    """Model + temperatures + the expert x objective matrix; forward = the step's loss."""
+
+    def __init__(self, model: Moon2Model, config: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        loss = config.loss
+        self.temperature = Temperature(loss.temperature, loss.learnable_temperature)
+        self.intra_temperature = Temperature(loss.intra_temperature, loss.learnable_temperature)
+        self.mixer = (
+            ObjectiveMixer(config.moe.num_experts, OBJECTIVES) if config.moe.enabled else None
+        )
+
+    def forward(
+        self, batch: Batch, progress: float, epoch: int, policy: FilterPolicy
+    ) -> StepOutput:
+        device = self.temperature.log_value.device
+        n = len(batch.positions)
+        everything = self.model.encode(batch.inputs)
+        encoded: dict[str, Encoded] = {
+            name: everything.rows(start, end) for name, (start, end) in batch.groups.items()
+        }
+        candidates = encoded["candidates"]
+        cand_ids = torch.tensor([id_hash(c) for c in batch.candidate_ids], device=device)
+        all_cand, all_ids, valid, offset = _gather_padded(candidates.embeddings, cand_ids)
+        positive_ids = cand_ids[torch.tensor(batch.positive_col, device=device)]
+        temperature = self.temperature()
+        view_losses: dict[str, tuple[list[int], torch.Tensor]] = {}
+        loss_sum = torch.zeros(n, device=device)
+        margin_sum = torch.zeros(n, device=device)
+        count = torch.zeros(n, device=device)
+        for view in VIEWS:
+            if view not in batch.view_rows:
+                continue
+            rows = batch.view_rows[view]
+            query = encoded[view]
+            rows_t = torch.tensor(rows, device=device)
+            positive_index = torch.tensor(
+                [offset + batch.positive_col[r] for r in rows], device=device
+            )
+            allowed = self._allowed(batch, rows, all_ids, valid, positive_ids[rows_t], offset)
+            loss_v, scores = inter_product_nce(
+                query.embeddings,
+                all_cand,
+                positive_index,
+                allowed,
+                temperature,
+                reduction="none",
+            )
+            margin_v = self._margins(batch, rows, scores, positive_index, allowed, offset)
+            view_losses[view] = (rows, loss_v)
+            loss_sum = loss_sum.index_add(0, rows_t, loss_v.detach())
+            margin_sum = margin_sum.index_add(0, rows_t, margin_v.detach())
+            count = count.index_add(0, rows_t, torch.ones_like(loss_v))
+        sample_loss = loss_sum / count.clamp_min(1)
+        margin = margin_sum / count.clamp_min(1)
+        phi, weight = policy.weights(margin, progress, epoch)
+
+        intra_loss = None
+        if self.config.loss.intra and "intra_image" in encoded:
+            intra_loss = intra_product_nce(
+                encoded["intra_image"].embeddings,
+                encoded["intra_text"].embeddings,
+                None,
+                self.intra_temperature(),
+            )
+
+        terms: dict[str, torch.Tensor] = {}
+        for view, (rows, loss_v) in view_losses.items():
+            terms[view] = weighted_mean(loss_v, weight[torch.tensor(rows, device=device)])
+        if intra_loss is not None:
+            terms["intra"] = intra_loss
+        mode = self.config.moe.objective_weighting
+        omega = self._omega(encoded, detach_gates=mode == "balance")
+        total = torch.zeros((), device=device)
+        parts: dict[str, float] = {}
+        for name, term in terms.items():
+            parts[f"loss_{name}"] = float(term.detach())
+            if name not in omega:
+                total = total + term
+            elif mode == "paper":
+                total = total + omega[name] * term
+            else:
+                # the model descends with omega as a constant; W* ascends the weighted loss
+                # (a zero-valued term whose gradient reaches W* only, with the opposite sign)
+                total = total + omega[name].detach() * term
+                total = total - omega[name] * term.detach() + (omega[name] * term).detach()
+        if self.mixer is not None:
+            aux = load_balancing_loss(everything.routings, self.config.moe.top_k)
+            sparsity = self.mixer.sparsity_loss()
+            total = total + self.config.moe.rho * aux + self.config.moe.varsigma * sparsity
+            parts["loss_aux"] = float(aux.detach())
+            parts["loss_sparsity"] = float(sparsity.detach())
+        parts["loss"] = float(total.detach())
+        parts["temperature"] = float(temperature.detach())
+        return StepOutput(
+            loss=total,
+            parts=parts,
+            omega={k: float(v.detach()) for k, v in omega.items()},
+            usage=self._usage(encoded),
+            positions=batch.positions,
+            sample_loss=sample_loss.detach(),
+            margin=margin.detach(),
+            phi=phi,
+            weight=weight,
+        )
+
+    def _allowed(
+        self,
+        batch: Batch,
+        rows: list[int],
+        all_ids: torch.Tensor,
+        valid: torch.Tensor,
+        positive_ids: torch.Tensor,
+        offset: int,
+    ) -> torch.Tensor:
+        columns = len(all_ids)
+        if self.config.loss.in_batch_negatives:
+            # every real candidate competes, except other copies of the query's own product
+            allowed = valid.unsqueeze(0) & (all_ids.unsqueeze(0) != positive_ids.unsqueeze(1))
+        else:
+            allowed = torch.zeros(len(rows), columns, dtype=torch.bool, device=all_ids.device)
+            for i, r in enumerate(rows):
+                for col in batch.negative_cols[r]:
+                    allowed[i, offset + col] = True
+        index = torch.arange(len(rows), device=all_ids.device)
+        positive_cols = torch.tensor(
+            [offset + batch.positive_col[r] for r in rows], device=all_ids.device
+        )
+        allowed[index, positive_cols] = True
+        return allowed
+
+    def _margins(
+        self,
+        batch: Batch,
+        rows: list[int],
+        scores: torch.Tensor,
+        positive_index: torch.Tensor,
+        allowed: torch.Tensor,
+        offset: int,
+    ) -> torch.Tensor:
+        """s(q, p) - s(q, n) with n the hardest given negative (else the hardest allowed)."""
+        scores = scores.detach()
+        positive = scores.gather(1, positive_index.unsqueeze(1)).squeeze(1)
+        margins = []
+        for i, r in enumerate(rows):
+            given = [offset + c for c in batch.negative_cols[r]]
+            if given:
+                hardest = scores[i, given].max()
+            else:
+                others = allowed[i].clone()
+                others[positive_index[i]] = False
+                hardest = scores[i][others].max() if others.any() else positive[i] - 1.0
+            margins.append(positive[i] - hardest)
+        return torch.stack(margins)
+
+    def _omega(self, encoded: dict[str, Encoded], detach_gates: bool) -> dict[str, torch.Tensor]:
+        if self.mixer is None or self.config.moe.objective_weighting == "off":
+            return {}
+        gates = {view: encoded[view].gates for view in VIEWS if view in encoded}
+        if "intra_image" in encoded:
+            gates["intra"] = torch.cat([encoded["intra_image"].gates, encoded["intra_text"].gates])
+        gates = {k: (v.detach() if detach_gates else v) for k, v in gates.items() if v is not None}
+        return self.mixer.omega(gates, normalize=self.config.moe.normalize_omega)
+
+    @staticmethod
+    def _usage(encoded: dict[str, Encoded]) -> dict[str, list[float]]:
+        groups = {
+            "text": ("t2mm", "intra_text"),
+            "image": ("i2mm", "intra_image"),
+            "multimodal": ("mm2mm", "candidates"),
+        }
+        usage = {}
+        for modality, names in groups.items():
+            routings = [r for name in names if name in encoded for r in encoded[name].routings]
+            if routings:
+                usage[modality] = [round(float(v), 4) for v in routing_usage(routings)]
+        return usage

@@ -1,0 +1,579 @@
+"""``moon2 train``: one training function for a single process, torchrun DDP and Ray Train.
+
+Outputs under OUT::
+
+    train_config.yaml            the resolved config
+    metrics.jsonl                loss parts, omega_m, routing usage, lr, throughput per log step
+    scores/epoch-NNN.parquet     sample_id, epoch, loss, margin, phi, weight, kept (+ position)
+    checkpoints/step-NNNNNNN/    resumable state (see checkpoint.py)
+    final/                       the trained model (moon2.load_model / moon2 eval / moon2 embed)
+    filter_report.json           noise detection of the dynamic filter (when truth_* exists)
+    _rejects/queries/            queries that could not be trained on, with the reason
+    train_summary.json
+
+The process group comes from the environment (torchrun) or from Ray Train; gloo on CPU, NCCL
+on GPU. Rank 0 writes every file; all ranks compute the same filter decisions from the
+gathered score table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from moon2 import progress
+from moon2.curate.dynamic import FilterPolicy, detection_report
+from moon2.data.io import PartWriter
+from moon2.data.schema import rejects_schema
+from moon2.errors import InputError
+from moon2.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moon2.train.config import TrainConfig
+from moon2.train.data import (
+    Batch,
+    Collator,
+    TripletDataset,
+    build_index,
+    prepare_stores,
+)
+from moon2.train.model import Moon2Model, build_backbone, save_model, template_prefix_tokens
+from moon2.train.objective import Objective
+
+STAGE = "train"
+SCORE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string()),
+        pa.field("epoch", pa.int32()),
+        pa.field("position", pa.int64()),
+        pa.field("loss", pa.float32()),
+        pa.field("margin", pa.float32()),
+        pa.field("phi", pa.float32()),
+        pa.field("weight", pa.float32()),
+        pa.field("kept", pa.bool_()),
+    ]
+)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    final_dir: Path
+    steps: int
+    epochs: int
+    seconds: float
+    summary: dict[str, Any]
+
+
+# --- process setup ----------------------------------------------------------------------
+
+
+def _setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
+        dist.init_process_group(backend=backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if config.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _autocast(device: torch.device, dtype: str) -> Any:
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=torch_dtype)
+
+
+def _schedule(warmup: int, total: int) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        remaining = max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / remaining)))
+
+    return factor
+
+
+def _epoch_batches(
+    size: int, epoch: int, seed: int, dropped: set[int], batch_size: int, rank: int, world: int
+) -> list[list[int]]:
+    """This rank's batches of sample positions for ``epoch`` (same order on every run)."""
+    order = np.random.default_rng([seed, epoch, 0xDA7A]).permutation(size)
+    order = [int(p) for p in order if int(p) not in dropped]
+    per_step = batch_size * world
+    steps = len(order) // per_step
+    batches = []
+    for step in range(steps):
+        chunk = order[step * per_step : (step + 1) * per_step]
+        batches.append(chunk[rank::world])
+    return batches
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _apply_lora(model: Moon2Model, config: TrainConfig) -> None:
+    if not config.model.lora.enabled:
+        return
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise InputError("model.lora.enabled needs peft: pip install peft") from None
+    lora = config.model.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+    )
+    inject_adapter_in_model(peft_config, model.backbone)
+    for name, parameter in model.backbone.named_parameters():
+        is_moe = ".experts." in name or ".router." in name
+        parameter.requires_grad = "lora_" in name or is_moe
+    if model.projection is not None:
+        model.projection.requires_grad_(True)
+
+
+def _merge_lora(model: Moon2Model) -> None:
+    """Fold LoRA deltas into the base weights so the final model needs no peft."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in list(model.backbone.modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+    # replace LoRA wrappers by their merged base layers
+    for parent in list(model.backbone.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoraLayer) and hasattr(child, "base_layer"):
+                setattr(parent, name, child.base_layer)
+
+
+# --- the loop -----------------------------------------------------------------------------
+
+
+def train(
+    data_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: TrainConfig,
+    resume: bool = False,
+) -> TrainResult:
+    """Train a MOON2.0 model on DATA (products/ + queries/) into OUT."""
+    started = time.perf_counter()
+    data = Path(data_dir)
+    out = Path(out_dir)
+    rank, world, device = _setup_distributed(config)
+    is_main = rank == 0
+    _seed_everything(config.seed)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and latest_checkpoint(out / "checkpoints") is not None:
+            raise InputError(
+                f"{out} holds checkpoints of an earlier run; pass --resume to continue it or "
+                "choose a new output directory"
+            )
+        config.to_yaml(out / "train_config.yaml", "moon2 train: resolved config of this run")
+        prepare_stores(data, out / "cache")
+    _barrier()
+    products, queries = prepare_stores(data, out / "cache")
+    index = build_index(products, queries)
+    if len(index.query_rows) < config.optim.batch_size * world:
+        raise InputError(
+            f"{data}: {len(index.query_rows)} usable queries, fewer than one global batch "
+            f"({config.optim.batch_size} x {world} processes)"
+        )
+    dataset = TripletDataset(products, queries, index, config.data, config.seed)
+
+    backbone, processor = build_backbone(config.model, config.seed)
+    model = Moon2Model(
+        backbone,
+        config.model,
+        config.moe,
+        processor.tokenizer.eos_token_id,
+        template_prefix_tokens(processor),
+    )
+    if config.model.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    _apply_lora(model, config)
+    objective = Objective(model, config).to(device)
+    wrapped: torch.nn.Module = objective
+    if world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            objective,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,  # experts that no token chose in a step
+        )
+    parameters = [p for p in objective.parameters() if p.requires_grad]
+    decay = [p for p in parameters if p.ndim >= 2]
+    no_decay = [p for p in parameters if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.optim.lr,
+    )
+    steps_per_epoch = len(index.query_rows) // (config.optim.batch_size * world)
+    updates_per_epoch = max(1, steps_per_epoch // config.optim.grad_accum)
+    total_updates = updates_per_epoch * config.optim.epochs
+    if config.optim.max_steps:
+        total_updates = min(total_updates, config.optim.max_steps)
+    warmup = int(config.optim.warmup_ratio * total_updates)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, total_updates))
+    policy = FilterPolicy(config.filter)
+
+    start_epoch, skip_batches, update = 0, 0, 0
+    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, objective, optimizer, scheduler, device)
+        start_epoch, skip_batches, update = state["epoch"], state["batch"], state["update"]
+        policy.load_state_dict(state["filter"])
+        if is_main:
+            progress.info(f"resuming from {checkpoint.name} (epoch {start_epoch}, update {update})")
+    collator = Collator(
+        processor, config.model, intra=config.loss.intra, intra_products=config.loss.intra_products
+    )
+    metrics_path = out / "metrics.jsonl"
+    if is_main and checkpoint is None and metrics_path.exists():
+        metrics_path.unlink()
+    runtime_rejects: dict[str, str] = {}
+    seen_samples = 0
+    window_start = time.perf_counter()
+    window_samples = 0
+    done = False
+    with progress.task("training", total_updates) as bar:
+        bar.advance(update)
+        for epoch in range(start_epoch, config.optim.epochs):
+            dataset.epoch = epoch
+            batches = _epoch_batches(
+                len(dataset),
+                epoch,
+                config.seed,
+                policy.dropped,
+                config.optim.batch_size,
+                rank,
+                world,
+            )
+            first = skip_batches if epoch == start_epoch else 0
+            scores = _load_partial_scores(out, epoch) if first else []
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=batches[first:],
+                collate_fn=collator,
+                num_workers=config.data.num_workers,
+                persistent_workers=False,
+            )
+            wrapped.train()
+            for batch_index, batch in enumerate(loader, start=first):
+                for query_id, reason in batch.rejected:
+                    runtime_rejects.setdefault(query_id, reason)
+                if not batch.positions:
+                    continue
+                batch = batch.to(device)
+                fraction = update / max(1, total_updates)
+                with _autocast(device, config.model.dtype):
+                    result = wrapped(batch, fraction, epoch, policy)
+                (result.loss / config.optim.grad_accum).backward()
+                scores.append(_score_rows(result, dataset, epoch, kept=True))
+                seen_samples += len(batch.positions)
+                window_samples += len(batch.positions) * world
+                if (batch_index + 1) % config.optim.grad_accum:
+                    continue
+                torch.nn.utils.clip_grad_norm_(parameters, config.optim.clip_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                update += 1
+                bar.advance(1)
+                if is_main and update % config.log_every == 0:
+                    elapsed = time.perf_counter() - window_start
+                    _log(
+                        metrics_path,
+                        update,
+                        epoch,
+                        result,
+                        scheduler,
+                        window_samples / elapsed,
+                        batch.images_failed,
+                    )
+                    window_start, window_samples = time.perf_counter(), 0
+                if update % config.checkpoint.every_steps == 0 and update < total_updates:
+                    _save_partial_scores(out, epoch, scores, is_main)
+                    if is_main:
+                        save_checkpoint(
+                            out / "checkpoints",
+                            update,
+                            objective,
+                            optimizer,
+                            scheduler,
+                            {
+                                "epoch": epoch,
+                                "batch": batch_index + 1,
+                                "update": update,
+                                "filter": policy.state_dict(),
+                            },
+                            config.checkpoint.keep,
+                        )
+                    _barrier()
+                if update >= total_updates:
+                    done = True
+                    break
+            scores += _rescore_dropped(
+                wrapped,
+                objective,
+                dataset,
+                collator,
+                policy,
+                epoch,
+                config,
+                device,
+                rank,
+                world,
+                update / max(1, total_updates),
+            )
+            table = _finish_epoch(out, epoch, scores, is_main)
+            policy.end_epoch(table, epoch)
+            if done:
+                break
+            if is_main and update % config.checkpoint.every_steps != 0:
+                save_checkpoint(
+                    out / "checkpoints",
+                    update,
+                    objective,
+                    optimizer,
+                    scheduler,
+                    {
+                        "epoch": epoch + 1,
+                        "batch": 0,
+                        "update": update,
+                        "filter": policy.state_dict(),
+                    },
+                    config.checkpoint.keep,
+                )
+            _barrier()
+
+    all_rejects = {}
+    for part in _gather_objects(runtime_rejects):
+        all_rejects.update(part)
+    summary: dict[str, Any] = {}
+    final = out / "final"
+    if is_main:
+        if config.model.lora.enabled:
+            _merge_lora(model)
+        save_model(model, processor, final)
+        _write_rejects(out, queries, index, all_rejects)
+        report = _filter_report(out, data, config)
+        seconds = time.perf_counter() - started
+        summary = {
+            "updates": update,
+            "epochs_completed": config.optim.epochs if not done else epoch + 1,
+            "samples_seen_per_process": seen_samples,
+            "world_size": world,
+            "queries_used": len(index.query_rows),
+            "queries_rejected": len(index.rejected) + len(all_rejects),
+            "negatives_not_in_products": index.negatives_unknown,
+            "seconds": round(seconds, 1),
+            "filter_policy": policy.name,
+            "filter_report": report,
+            "final": str(final),
+        }
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    _barrier()
+    return TrainResult(
+        out, final, update, config.optim.epochs, time.perf_counter() - started, summary
+    )
+
+
+def _score_rows(result: Any, dataset: TripletDataset, epoch: int, kept: bool) -> dict[str, list]:
+    positions = list(result.positions)
+    return {
+        "sample_id": [dataset.index.query_ids[p] for p in positions],
+        "epoch": [epoch] * len(positions),
+        "position": positions,
+        "loss": result.sample_loss.float().cpu().tolist(),
+        "margin": result.margin.float().cpu().tolist(),
+        "phi": result.phi.float().cpu().tolist(),
+        "weight": result.weight.float().cpu().tolist(),
+        "kept": [kept] * len(positions),
+    }
+
+
+@torch.no_grad()
+def _rescore_dropped(
+    wrapped: torch.nn.Module,
+    objective: Objective,
+    dataset: TripletDataset,
+    collator: Collator,
+    policy: FilterPolicy,
+    epoch: int,
+    config: TrainConfig,
+    device: torch.device,
+    rank: int,
+    world: int,
+    fraction: float,
+) -> list[dict[str, list]]:
+    """Score the samples that sat out this epoch, so they can come back next epoch."""
+    dropped = sorted(policy.dropped)[rank::world]
+    rows = []
+    objective.eval()
+    for start in range(0, len(dropped), config.optim.batch_size):
+        chunk = dropped[start : start + config.optim.batch_size]
+        if len(chunk) < 2:
+            continue
+        batch = collator([dataset[p] for p in chunk])
+        if batch is None or not batch.positions:
+            continue
+        with _autocast(device, config.model.dtype):
+            result = objective(batch.to(device), fraction, epoch, policy)
+        rows.append(_score_rows(result, dataset, epoch, kept=False))
+    objective.train()
+    del wrapped
+    return rows
+
+
+def _partial_path(out: Path, epoch: int) -> Path:
+    return out / "scores" / f".epoch-{epoch:03d}.partial.json"
+
+
+def _save_partial_scores(out: Path, epoch: int, scores: list[dict], is_main: bool) -> None:
+    """Scores of the epoch so far, kept with a checkpoint so a resumed epoch is complete."""
+    gathered = _gather_objects(scores)
+    if is_main:
+        path = _partial_path(out, epoch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = [row for part in gathered for row in part]
+        path.write_text(json.dumps(merged))
+
+
+def _load_partial_scores(out: Path, epoch: int) -> list[dict]:
+    path = _partial_path(out, epoch)
+    if not path.exists() or (dist.is_initialized() and dist.get_rank() != 0):
+        return []
+    return json.loads(path.read_text())
+
+
+def _finish_epoch(out: Path, epoch: int, scores: list[dict], is_main: bool) -> pl.DataFrame:
+    merged: dict[str, list] = {name: [] for name in SCORE_SCHEMA.names}
+    for part in _gather_objects(scores):
+        for rows in part:
+            for name in merged:
+                merged[name] += rows[name]
+    table = pa.table(merged, schema=SCORE_SCHEMA)
+    frame = pl.from_arrow(table)
+    # a sample seen twice in one epoch (resumed partial scores) keeps its first score
+    frame = frame.unique("position", keep="first", maintain_order=True).sort("position")
+    if is_main:
+        from moon2.data.io import write_table
+
+        write_table(
+            frame.to_arrow().cast(SCORE_SCHEMA), out / "scores" / f"epoch-{epoch:03d}.parquet"
+        )
+        _partial_path(out, epoch).unlink(missing_ok=True)
+    return frame
+
+
+def _log(
+    path: Path,
+    update: int,
+    epoch: int,
+    result: Any,
+    scheduler: Any,
+    throughput: float,
+    images_failed: int,
+) -> None:
+    weights = result.weight
+    record = {
+        "step": update,
+        "epoch": epoch,
+        "lr": scheduler.get_last_lr()[0],
+        **{k: round(v, 6) for k, v in result.parts.items()},
+        **{f"omega_{k}": round(v, 6) for k, v in result.omega.items()},
+        **{f"usage_{k}": v for k, v in result.usage.items()},
+        "phi_mean": round(float(result.phi.mean()), 4),
+        "downweighted": round(float((weights < 1).float().mean()), 4),
+        "samples_per_s": round(throughput, 2),
+        "images_failed": images_failed,
+    }
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _write_rejects(out: Path, queries: Any, index: Any, runtime: dict[str, str]) -> None:
+    rows = [(row, reason) for row, reason in index.rejected]
+    if runtime:
+        position_of = {q: i for i, q in enumerate(queries.column("query_id"))}
+        rows += [(position_of[q], reason) for q, reason in runtime.items() if q in position_of]
+    directory = out / "_rejects" / "queries"
+    if not rows:
+        return
+    table = queries.table.take(pa.array([r for r, _ in rows], pa.int64()))
+    table = table.append_column("reject_stage", pa.array([STAGE] * len(rows), pa.string()))
+    table = table.append_column("reject_reason", pa.array([r for _, r in rows], pa.string()))
+    with PartWriter(directory, rejects_schema(queries.table.schema)) as writer:
+        writer.write(table)
+
+
+def _filter_report(out: Path, data: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """Evaluation only: compare flagged samples with truth_* columns when the data has them."""
+    import pyarrow.parquet as pq
+
+    from moon2.data.io import resolve_files
+
+    files = resolve_files(data / "queries")
+    if "truth_is_noisy" not in pq.read_schema(files[0]).names:
+        return None
+    truth = pl.concat(
+        [pl.from_arrow(pq.read_table(f, columns=["query_id", "truth_is_noisy"])) for f in files]
+    ).rename({"query_id": "sample_id", "truth_is_noisy": "is_noisy"})
+    score_files = sorted((out / "scores").glob("epoch-*.parquet"))
+    if not score_files:
+        return None
+    scores = pl.concat([pl.read_parquet(f) for f in score_files])
+    report = {
+        "policy": config.filter.policy if config.filter.enabled else "none",
+        "noise_kind": "wrong_positive queries (truth_is_noisy)",
+        "flagged_means": "weight < 1 (down-weighted) or not kept (dropped) in that epoch",
+        "epochs": detection_report(scores, truth),
+    }
+    (out / "filter_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+__all__ = ["Batch", "TrainResult", "train"]
