@@ -16,8 +16,9 @@ def shipped_configs() -> dict[str, tuple[Config, str]]:
     """configs/<path> -> (config, header)."""
     from moon2.bench.config import BenchConfig, EvalConfig
     from moon2.data.synth.generator import SynthConfig
+    from moon2.train.recipes import recipes
 
-    return {
+    shipped: dict[str, tuple[Config, str]] = {
         "synth/default.yaml": (
             SynthConfig(),
             "moon2 synth: the embedded default synthetic catalog (what `moon2 demo` generates).\n"
@@ -35,6 +36,9 @@ def shipped_configs() -> dict[str, tuple[Config, str]]:
             "Usage: moon2 eval MODEL BENCH OUT --config configs/eval/default.yaml",
         ),
     }
+    for name, (config, header) in recipes().items():
+        shipped[f"train/{name}.yaml"] = (config, header)
+    return shipped
 
 
 def render_all() -> dict[str, str]:

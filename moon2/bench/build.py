@@ -43,7 +43,14 @@ from moon2 import progress
 from moon2.bench.config import ALL_TASKS, BenchConfig
 from moon2.bench.metrics import trec_id, write_trec_qrels
 from moon2.data.images import is_remote, local_path
-from moon2.data.io import PartWriter, count_rows, iter_batches, resolve_files, write_table
+from moon2.data.io import (
+    PartWriter,
+    align_to_schema,
+    count_rows,
+    iter_batches,
+    resolve_files,
+    write_table,
+)
 from moon2.data.schema import IMAGE_TYPE, PRODUCTS, QUERIES, rejects_schema
 from moon2.errors import InputError
 
@@ -310,18 +317,9 @@ def _union_schema(path: Path, spec: Any) -> pa.Schema:
     return pa.schema([*spec.arrow_schema(strict=False), *extra])
 
 
-def _align(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    columns = []
-    for field_ in schema:
-        if field_.name in table.column_names:
-            columns.append(table.column(field_.name).cast(field_.type))
-        else:
-            columns.append(pa.nulls(table.num_rows, field_.type))
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
 def _reject(table: pa.Table, schema: pa.Schema, reasons: list[str]) -> pa.Table:
-    aligned = _align(table, pa.schema([f for f in schema if not f.name.startswith("reject_")]))
+    kept = pa.schema([f for f in schema if not f.name.startswith("reject_")])
+    aligned = align_to_schema(table, kept)
     return aligned.append_column(
         "reject_stage", pa.array([STAGE] * table.num_rows, pa.string())
     ).append_column("reject_reason", pa.array(reasons, pa.string()))
@@ -351,7 +349,7 @@ def _write_products(catalog: Path, out: Path, frame: pl.DataFrame) -> dict[str, 
                     mask = pa.array([s == side for s in batch_sides])
                     chosen = table.filter(mask)
                     if chosen.num_rows:
-                        writers[side].write(_align(chosen, writers[side].schema))
+                        writers[side].write(align_to_schema(chosen, writers[side].schema))
                         counts[side] += chosen.num_rows
                 rejected = [i for i, s in enumerate(batch_sides) if s is None]
                 if rejected:
@@ -447,7 +445,7 @@ def _write_queries(
                         "negative_ids",
                         pa.array(kept_negatives[side], pa.list_(pa.string())),
                     )
-                    writers[side].write(_align(chosen, writers[side].schema))
+                    writers[side].write(align_to_schema(chosen, writers[side].schema))
                     counts[side] += chosen.num_rows
                 if rejected:
                     taken = table.take(pa.array(rejected, pa.int64()))

@@ -92,6 +92,17 @@ class Batch:
         return self.table.num_rows
 
 
+def align_to_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns, in order: cast, missing ones null."""
+    columns = []
+    for field_ in schema:
+        if field_.name in table.column_names:
+            columns.append(table.column(field_.name).cast(field_.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field_.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 def count_rows(path: str | os.PathLike[str]) -> int:
     """Total rows of a dataset, from Parquet footers only."""
     return sum(open_parquet(f).metadata.num_rows for f in resolve_files(path))

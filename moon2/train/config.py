@@ -48,8 +48,11 @@ class ModelConfig(Config):
         "(Qwen2-VL / Qwen2.5-VL family first).",
     )
     tiny: TinyBackboneConfig = Field(default_factory=TinyBackboneConfig)
-    pooling: Literal["mean", "last", "eos"] = Field(
-        "mean", description="mean of last hidden states (paper), the last real token, or EOS."
+    pooling: Literal["mean", "modality_mean", "last", "eos"] = Field(
+        "mean",
+        description="mean of last hidden states (paper); modality_mean: the mean of the image "
+        "tokens' mean and the text tokens' mean, so an image weighs as much as a long title; "
+        "the last real token; or EOS.",
     )
     pool_prefix: Literal["skip", "include"] = Field(
         "skip",
@@ -60,9 +63,9 @@ class ModelConfig(Config):
     projection_dim: int | None = Field(
         None, ge=8, description="Optional linear projection of the pooled state."
     )
-    max_text_tokens: int = Field(64, ge=8, description="Text truncation (tokens).")
+    max_text_tokens: int = Field(48, ge=8, description="Text truncation (tokens).")
     image_min_pixels: int = Field(56 * 56, ge=28 * 28, description="Processor min_pixels.")
-    image_max_pixels: int = Field(112 * 112, ge=28 * 28, description="Processor max_pixels.")
+    image_max_pixels: int = Field(56 * 56, ge=28 * 28, description="Processor max_pixels.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is slow on CPUs)."
@@ -130,10 +133,15 @@ class DataConfig(Config):
         description="Append aug_title / aug_images to candidates when the catalog has them "
         "(false: 'w/o co-augmentation').",
     )
-    max_negatives: int = Field(2, ge=0, description="Given negatives per query (of negative_ids).")
-    max_images: int = Field(2, ge=1, description="Product images per candidate (main first).")
+    max_negatives: int = Field(1, ge=0, description="Given negatives per query (of negative_ids).")
+    max_images: int = Field(1, ge=1, description="Product images per candidate (main first).")
     max_aug_images: int = Field(1, ge=0, description="Expanded images appended per candidate.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    intra_image: Literal["main", "any"] = Field(
+        "main",
+        description="Image the intra-product loss pairs with the title: the main image, or any "
+        "of the product's images (drawn per epoch, seeded) so alignment sees every view.",
+    )
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes.")
 
 
 class FilterConfig(Config):
@@ -147,19 +155,19 @@ class FilterConfig(Config):
     )
     kappa: float = Field(10.0, gt=0, description="Sharpness of phi = sigmoid(kappa (m - m_bar)).")
     tau: float = Field(0.6, gt=0, lt=1, description="Reliability threshold.")
-    m_bar_start: float = Field(0.2, description="Margin expected of a reliable triplet, early.")
-    m_bar_end: float = Field(0.0, description="... and at the end (m_bar decays linearly).")
+    m_bar_start: float = Field(0.05, description="Margin expected of a reliable triplet, early.")
+    m_bar_end: float = Field(-0.05, description="... and at the end (m_bar decays linearly).")
     low_weight: Literal["phi", "zero"] = Field(
         "phi", description="Weight of an unreliable triplet: its phi, or zero."
     )
     prune_fraction: float = Field(0.1, ge=0, lt=1, description="loss_prune: share dropped.")
-    warmup_epochs: int = Field(1, ge=0, description="Epochs before any filtering applies.")
+    warmup_epochs: int = Field(2, ge=0, description="Epochs before any filtering applies.")
 
 
 class OptimConfig(Config):
     """Optimisation."""
 
-    epochs: int = Field(6, ge=1, description="Passes over the training queries.")
+    epochs: int = Field(7, ge=1, description="Passes over the training queries.")
     batch_size: int = Field(16, ge=2, description="Queries per step per process.")
     grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
@@ -177,7 +185,7 @@ class CheckpointConfig(Config):
 
 
 class TrainConfig(Config):
-    """``moon2 train``: the MOON2.0 trainer."""
+    """``moon2 train``: the MOON2.0 trainer. The defaults are the ``tiny-cpu`` recipe."""
 
     seed: int = Field(0, ge=0, description="Seed of initialisation, data order and dropout.")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N.")

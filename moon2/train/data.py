@@ -28,7 +28,7 @@ import torch
 
 from moon2 import progress
 from moon2.data.images import decode_image
-from moon2.data.io import count_rows, iter_batches
+from moon2.data.io import align_to_schema, count_rows, iter_batches
 from moon2.data.schema import PRODUCTS, QUERIES
 from moon2.errors import ImageDecodeError, InputError
 from moon2.models.base import EncodeItem
@@ -65,7 +65,7 @@ class ArrowStore:
                     if schema is None:
                         schema = table.schema
                         writer = ipc.new_file(str(temp), schema)
-                    table = _align(table, schema)
+                    table = align_to_schema(table, schema)
                     writer.write_table(table, max_chunksize=1024)
                     bar.advance(table.num_rows)
             if writer is None:
@@ -97,16 +97,6 @@ class ArrowStore:
         return {"path": self.path, "_reader": None, "_table": None}
 
 
-def _align(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    columns = []
-    for field_ in schema:
-        if field_.name in table.column_names:
-            columns.append(table.column(field_.name).cast(field_.type))
-        else:
-            columns.append(pa.nulls(table.num_rows, field_.type))
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
 @dataclass
 class TripletIndex:
     """Which query rows train, with their positive and negative product rows."""
@@ -125,6 +115,7 @@ def build_index(products: ArrowStore, queries: ArrowStore) -> TripletIndex:
     query_ids = queries.column("query_id")
     texts = queries.column("query_text")
     has_image = queries.table.column("query_image").is_valid().to_pylist()
+    unreadable = _unreadable_images(queries.table.column("query_image"))
     positives = queries.column("positive_id")
     negatives = queries.column("negative_ids")
     keep_rows, keep_pos, keep_neg, keep_ids = [], [], [], []
@@ -141,6 +132,8 @@ def build_index(products: ArrowStore, queries: ArrowStore) -> TripletIndex:
             reason = "no query_text and no query_image"
         elif positives[i] not in row_of:
             reason = f"positive_id {positives[i]!r} is not in products"
+        elif i in unreadable:
+            reason = f"query_image: {unreadable[i]}"
         if reason is not None:
             rejected.append((i, reason))
             continue
@@ -163,6 +156,31 @@ def build_index(products: ArrowStore, queries: ArrowStore) -> TripletIndex:
         rejected=rejected,
         negatives_unknown=unknown,
     )
+
+
+def _unreadable_images(column: pa.ChunkedArray) -> dict[int, str]:
+    """Rows whose image bytes carry no image header Pillow knows (read lazily, batch by batch;
+    images given by path, and files that pass this check but fail to decode, are caught when
+    their row is read)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    bad: dict[int, str] = {}
+    offset = 0
+    for chunk in column.chunks:
+        data = chunk.field("bytes") if pa.types.is_struct(chunk.type) else None
+        if data is not None:
+            for i, value in enumerate(data):
+                raw = value.as_py() if value.is_valid else None
+                if raw is None:
+                    continue
+                try:
+                    Image.open(io.BytesIO(raw))
+                except (UnidentifiedImageError, OSError, ValueError) as exc:
+                    bad[offset + i] = f"not a readable image ({type(exc).__name__})"
+        offset += len(chunk)
+    return bad
 
 
 def _decode_all(cells: Sequence[dict[str, Any] | None], limit: int) -> tuple[list[Any], int]:
@@ -214,14 +232,28 @@ class TripletDataset(torch.utils.data.Dataset):
             extra, more = _decode_all(record.get("aug_images") or [], self.config.max_aug_images)
             images += extra
             failed += more
+        main = images[0] if images and record.get("images") else None
         return {
             "product_id": record["product_id"],
             "text": text or None,
             "title": title or None,
             "images": images,
-            "main_image": images[0] if images and record.get("images") else None,
+            "main_image": main,
+            "intra_image": self._intra_image(record, main),
             "images_failed": failed,
         }
+
+    def _intra_image(self, record: dict[str, Any], main: Any) -> Any:
+        """The image the intra-product loss aligns with the title: the main one, or (``any``)
+        one of the product's images drawn per epoch, so alignment also sees its other views."""
+        cells = [c for c in record.get("images") or [] if c is not None]
+        if self.config.intra_image == "main" or len(cells) < 2:
+            return main
+        rng = random.Random(f"{self.seed}:{self.epoch}:{record['product_id']}")
+        try:
+            return decode_image(rng.choice(cells))
+        except ImageDecodeError:
+            return main
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         query = self.queries.row(int(self.index.query_rows[position]))
@@ -339,10 +371,10 @@ class Collator:
                 if self.intra_products == "positives"
                 else list(products.values())
             )
-            both = [p for p in pool if p["title"] and p["main_image"] is not None]
+            both = [p for p in pool if p["title"] and p["intra_image"] is not None]
             if len(both) >= 2:
                 intra_ids = [p["product_id"] for p in both]
-                items["intra_image"] = [EncodeItem(images=[p["main_image"]]) for p in both]
+                items["intra_image"] = [EncodeItem(images=[p["intra_image"]]) for p in both]
                 items["intra_text"] = [EncodeItem(text=p["title"]) for p in both]
         groups: dict[str, tuple[int, int]] = {}
         flat: list[EncodeItem] = []

@@ -20,16 +20,22 @@ def configure_processor(processor: Any, min_pixels: int, max_pixels: int) -> Any
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is not None:
         for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-            if hasattr(image_processor, name):
+            if getattr(image_processor, name, None) is not None:  # transformers 4.x
                 setattr(image_processor, name, value)
+        # transformers >= 4.5x reads the pixel budget from size (a dict or a SizeDict)
         size = getattr(image_processor, "size", None)
-        if isinstance(size, dict) and {"shortest_edge", "longest_edge"} <= set(size):
+        if size is not None and all(_size_key(size, k) for k in ("shortest_edge", "longest_edge")):
             image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     tokenizer = processor.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return processor
+
+
+def _size_key(size: Any, key: str) -> bool:
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return value is not None
 
 
 def truncate_text(tokenizer: Any, text: str, max_tokens: int) -> str:

@@ -87,10 +87,25 @@ def pool(
     mode: str,
     input_ids: torch.Tensor | None = None,
     eos_token_id: int | None = None,
+    image_token_id: int | None = None,
 ) -> torch.Tensor:
-    """mean: over real tokens; last: the last real token; eos: the last EOS (else last)."""
+    """mean: over real tokens; modality_mean: the mean of the image tokens' mean and the other
+    tokens' mean (each modality weighs the same whatever its token count); last: the last
+    real token; eos: the last EOS (else last)."""
     mask = mask.to(hidden.dtype)
-    if mode == "mean":
+    if mode == "modality_mean" and input_ids is not None and image_token_id is not None:
+        is_image = (input_ids == image_token_id).to(hidden.dtype) * mask
+        parts = [is_image, mask - is_image]
+        pooled = torch.zeros(
+            hidden.shape[0], hidden.shape[-1], dtype=hidden.dtype, device=hidden.device
+        )
+        present = torch.zeros(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+        for part in parts:
+            count = part.sum(1, keepdim=True)
+            pooled = pooled + (hidden * part.unsqueeze(-1)).sum(1) / count.clamp_min(1.0)
+            present = present + (count > 0).to(hidden.dtype)
+        return pooled / present.clamp_min(1.0)
+    if mode in ("mean", "modality_mean"):
         return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
     lengths = mask.sum(1).long().clamp_min(1)
     positions = lengths - 1
@@ -167,6 +182,7 @@ class Moon2Model(nn.Module):
         self.model_config = model_config
         self.moe_config = moe_config
         self.eos_token_id = eos_token_id
+        self.image_token_id = getattr(backbone.config, "image_token_id", None)
         hidden = hidden_size_of(backbone.config)
         self.moe_layers = apply_moe(backbone, moe_config, hidden) if moe_config.enabled else []
         self.projection = (
@@ -175,6 +191,19 @@ class Moon2Model(nn.Module):
             else None
         )
         self.embedding_dim = model_config.projection_dim or hidden
+
+    @classmethod
+    def with_processor(
+        cls, backbone: nn.Module, processor: Any, model_config: ModelConfig, moe_config: MoEConfig
+    ) -> Moon2Model:
+        """The model for ``backbone``, with EOS id and template prefix read off ``processor``."""
+        return cls(
+            backbone,
+            model_config,
+            moe_config,
+            processor.tokenizer.eos_token_id,
+            template_prefix_tokens(processor),
+        )
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> Encoded:
         mask = inputs["attention_mask"]
@@ -193,6 +222,7 @@ class Moon2Model(nn.Module):
             self.model_config.pooling,
             inputs.get("input_ids"),
             self.eos_token_id,
+            self.image_token_id,
         )
         if self.projection is not None:
             pooled = self.projection(pooled)
@@ -279,8 +309,17 @@ def _init_from_smollm2(backbone: nn.Module, hidden_size: int) -> None:
 # --- saving and loading -------------------------------------------------------------------
 
 
-def save_model(model: Moon2Model, processor: Any, out_dir: str | os.PathLike[str]) -> Path:
-    """Write a self-contained, pickle-free model directory."""
+def save_model(
+    model: Moon2Model,
+    processor: Any,
+    out_dir: str | os.PathLike[str],
+    max_images: int | None = None,
+) -> Path:
+    """Write a self-contained, pickle-free model directory.
+
+    ``max_images``: product images per input the model was trained with; encoders built from
+    the directory feed it no more than that (more images than it ever saw shift its inputs).
+    """
     from safetensors.torch import save_model as save_safetensors
 
     out = Path(out_dir)
@@ -295,6 +334,7 @@ def save_model(model: Moon2Model, processor: Any, out_dir: str | os.PathLike[str
         "embedding_dim": model.embedding_dim,
         "eos_token_id": model.eos_token_id,
         "prefix_tokens": model.prefix_tokens,
+        "max_images": max_images,
         "backbone_class": type(model.backbone).__name__,
     }
     (out / MARKER).write_text(json.dumps(meta, indent=2))
@@ -314,8 +354,8 @@ def _lenient(cls: Any, data: dict[str, Any], root: Path) -> Any:
 
 def load_moon2_model(
     path: str | os.PathLike[str], device: torch.device | str = "cpu"
-) -> tuple[Moon2Model, Any]:
-    """(model, processor) from a directory written by :func:`save_model`."""
+) -> tuple[Moon2Model, Any, dict[str, Any]]:
+    """(model, processor, metadata) from a directory written by :func:`save_model`."""
     from safetensors.torch import load_model as load_safetensors
     from transformers import AutoConfig, AutoModel, AutoProcessor
 
@@ -344,19 +384,25 @@ def load_moon2_model(
             f"{root}/model.safetensors does not match the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    return model.to(device).eval(), processor
+    return model.to(device).eval(), processor, meta
 
 
 class Moon2Encoder(Encoder):
     """A trained moon2 model behind the evaluation :class:`Encoder` interface."""
 
     def __init__(
-        self, model: Moon2Model, processor: Any, device: torch.device, name: str = "moon2"
+        self,
+        model: Moon2Model,
+        processor: Any,
+        device: torch.device,
+        name: str = "moon2",
+        max_images: int | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         self.processor = processor
         self.device = device
         self.name = name
+        self.max_images = max_images
 
     @property
     def dim(self) -> int:
@@ -368,9 +414,13 @@ class Moon2Encoder(Encoder):
         rows = [i for i, item in enumerate(items) if item.text or item.images]
         if not rows:
             return out
-        inputs = build_inputs(
-            self.processor, [items[i] for i in rows], self.model.model_config.max_text_tokens
-        )
+        chosen = [items[i] for i in rows]
+        if self.max_images:
+            chosen = [
+                EncodeItem(text=item.text, images=list(item.images[: self.max_images]))
+                for item in chosen
+            ]
+        inputs = build_inputs(self.processor, chosen, self.model.model_config.max_text_tokens)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         out[rows] = self.model.encode(inputs).embeddings.float().cpu().numpy()
         return out
@@ -379,5 +429,11 @@ class Moon2Encoder(Encoder):
 def load_model(path: str | os.PathLike[str], device: torch.device | str = "auto") -> Moon2Encoder:
     """Load a finished moon2 model (``OUT/final``) as an encoder: ``.encode(items)``."""
     torch_device = resolve_device(device) if isinstance(device, str) else device
-    model, processor = load_moon2_model(path, torch_device)
-    return Moon2Encoder(model, processor, torch_device, name=f"moon2:{Path(path)}")
+    model, processor, meta = load_moon2_model(path, torch_device)
+    return Moon2Encoder(
+        model,
+        processor,
+        torch_device,
+        name=f"moon2:{Path(path)}",
+        max_images=meta.get("max_images"),
+    )

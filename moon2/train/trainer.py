@@ -47,7 +47,7 @@ from moon2.train.data import (
     build_index,
     prepare_stores,
 )
-from moon2.train.model import Moon2Model, build_backbone, save_model, template_prefix_tokens
+from moon2.train.model import Moon2Model, build_backbone, save_model
 from moon2.train.objective import Objective
 
 STAGE = "train"
@@ -220,13 +220,7 @@ def train(
     dataset = TripletDataset(products, queries, index, config.data, config.seed)
 
     backbone, processor = build_backbone(config.model, config.seed)
-    model = Moon2Model(
-        backbone,
-        config.model,
-        config.moe,
-        processor.tokenizer.eos_token_id,
-        template_prefix_tokens(processor),
-    )
+    model = Moon2Model.with_processor(backbone, processor, config.model, config.moe)
     if config.model.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -397,7 +391,7 @@ def train(
     if is_main:
         if config.model.lora.enabled:
             _merge_lora(model)
-        save_model(model, processor, final)
+        save_model(model, processor, final, max_images=config.data.max_images)
         _write_rejects(out, queries, index, all_rejects)
         report = _filter_report(out, data, config)
         seconds = time.perf_counter() - started

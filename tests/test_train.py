@@ -1,0 +1,419 @@
+"""moon2 train: pooling, MoE on the real backbone, filter policies, data, the loop end to end,
+resume after a real kill, DDP on two CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moon2.curate.dynamic import FilterPolicy
+from moon2.models.base import EncodeItem
+from moon2.train.config import FilterConfig, TrainConfig
+from moon2.train.inputs import build_inputs
+from moon2.train.model import (
+    Moon2Model,
+    build_backbone,
+    load_model,
+    pool,
+    template_prefix_tokens,
+)
+from moon2.train.trainer import train
+from tests.factories import png_bytes, product_row, products_table, queries_table, query_row
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The smallest config that exercises every part: MoE, intra loss, filter, checkpoints.
+TINY: dict = {
+    "device": "cpu",
+    "model": {
+        "tiny": {
+            "hidden_size": 32,
+            "layers": 2,
+            "vision_depth": 1,
+            "init_token_embeddings": "random",
+        },
+        "image_min_pixels": 28 * 28,
+        "image_max_pixels": 56 * 56,
+        "max_text_tokens": 24,
+    },
+    "moe": {"num_experts": 4, "top_k": 2, "layers": "last:1"},
+    "data": {"max_images": 1, "max_negatives": 1},
+    "optim": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.1},
+    "checkpoint": {"every_steps": 5, "keep": 2},
+    "log_every": 1,
+}
+
+
+def tiny_config(**sections: dict) -> TrainConfig:
+    data = json.loads(json.dumps(TINY))
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(name, {}).update(values)
+        else:
+            data[name] = values
+    return TrainConfig.model_validate(data)
+
+
+def _items() -> list[EncodeItem]:
+    from PIL import Image
+
+    red = Image.new("RGB", (40, 40), (220, 20, 20))
+    blue = Image.new("RGB", (56, 28), (20, 20, 220))
+    return [
+        EncodeItem(text="red cotton tee"),
+        EncodeItem(images=[red]),
+        EncodeItem(text="blue ceramic mug with a long handle", images=[blue]),
+    ]
+
+
+# --- pieces -------------------------------------------------------------------------------
+
+
+def test_pool_by_hand() -> None:
+    hidden = torch.tensor([[[1.0, 0], [3, 2], [9, 9]], [[2.0, 2], [4, 0], [6, 4]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    ids = torch.tensor([[5, 7, 0], [7, 5, 5]])
+    assert torch.allclose(pool(hidden, mask, "mean"), torch.tensor([[2.0, 1], [4, 2]]))
+    assert torch.allclose(pool(hidden, mask, "last"), torch.tensor([[3.0, 2], [6, 4]]))
+    # eos: the last EOS (id 7) among real tokens, else the last real token
+    eos = pool(hidden, mask, "eos", ids, eos_token_id=7)
+    assert torch.allclose(eos, torch.tensor([[3.0, 2], [2, 2]]))
+    with pytest.raises(ValueError):
+        pool(hidden, mask, "max")
+    # modality_mean: image tokens (id 9) and the rest weigh the same
+    ids = torch.tensor([[9, 5, 5], [5, 5, 5]])
+    both = pool(hidden, torch.ones(2, 3), "modality_mean", ids, image_token_id=9)
+    assert torch.allclose(both[0], (torch.tensor([1.0, 0]) + torch.tensor([6.0, 5.5])) / 2)
+    assert torch.allclose(both[1], torch.tensor([4.0, 2]))  # no image: the plain mean
+
+
+def test_prefix_tokens_are_the_constant_template_opening() -> None:
+    _, processor = build_backbone(tiny_config().model, seed=0)
+    prefix = template_prefix_tokens(processor)
+    opening = processor.tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    assert prefix == len(opening) > 0
+
+
+def test_processor_pixel_budget_is_applied() -> None:
+    from PIL import Image
+
+    from moon2.models.offline import tiny_qwen2vl_processor
+    from moon2.train.inputs import configure_processor
+
+    processor = tiny_qwen2vl_processor()
+    image = Image.new("RGB", (128, 128), (10, 200, 10))
+    grids = []
+    for budget in (56 * 56, 112 * 112):
+        configure_processor(processor, 28 * 28, budget)
+        inputs = build_inputs(processor, [EncodeItem(images=[image])], 24)
+        grids.append(inputs["image_grid_thw"].tolist())
+    assert grids == [[[1, 4, 4]], [[1, 8, 8]]]  # 14-pixel patches
+
+
+def test_upcycled_moe_backbone_equals_dense_at_init() -> None:
+    config = tiny_config()
+    backbone, processor = build_backbone(config.model, seed=3)
+    dense = Moon2Model(backbone, config.model, config.moe.model_copy(update={"enabled": False}))
+    inputs = build_inputs(processor, _items(), 24)
+    with torch.no_grad():
+        expected = dense(inputs)
+    moe_backbone, _ = build_backbone(config.model, seed=3)
+    moe = Moon2Model(moe_backbone, config.model, config.moe)
+    assert len(moe.moe_layers) == 1
+    with torch.no_grad():
+        encoded = moe.encode(inputs)
+    torch.testing.assert_close(encoded.embeddings, expected, atol=1e-5, rtol=1e-5)
+    assert encoded.gates is not None and encoded.gates.shape == (3, 4)
+    assert torch.allclose(encoded.embeddings.norm(dim=-1), torch.ones(3))
+
+
+def test_filter_policies() -> None:
+    margins = torch.tensor([0.5, 0.05, -0.3, 0.2])
+    weighting = FilterPolicy(
+        FilterConfig(kappa=10, tau=0.6, m_bar_start=0.2, m_bar_end=0.0, warmup_epochs=1)
+    )
+    phi, weight = weighting.weights(margins, progress=0.0, epoch=0)
+    assert torch.allclose(phi, torch.sigmoid(10 * (margins - 0.2)))
+    assert torch.equal(weight, torch.ones(4))  # warm-up epoch: nothing down-weighted
+    phi, weight = weighting.weights(margins, progress=1.0, epoch=1)  # m_bar has decayed to 0
+    expected_phi = torch.sigmoid(10 * margins)
+    assert torch.allclose(phi, expected_phi)
+    assert torch.allclose(weight, torch.where(expected_phi < 0.6, expected_phi, 1.0))
+    zero = FilterPolicy(FilterConfig(low_weight="zero", warmup_epochs=0, m_bar_start=0.2))
+    _, weight = zero.weights(margins, 0.0, 0)  # m_bar 0.2: phi(0.2) = 0.5 < tau
+    assert weight.tolist() == [1.0, 0.0, 0.0, 0.0]
+
+    scores = pl.DataFrame({"position": list(range(10)), "loss": [float(i % 5) for i in range(10)]})
+    prune = FilterPolicy(FilterConfig(policy="loss_prune", prune_fraction=0.2, warmup_epochs=1))
+    assert prune.end_epoch(scores, epoch=0) == {4, 9}  # the two highest losses
+    assert torch.equal(prune.weights(margins, 0.5, 3)[1], torch.ones(4))
+    restored = FilterPolicy(prune.config)
+    restored.load_state_dict(prune.state_dict())
+    assert restored.dropped == {4, 9}
+    assert prune.end_epoch(scores.with_columns(pl.lit(0.0).alias("loss")), 1) == {0, 1}
+    off = FilterPolicy(FilterConfig(enabled=False, policy="loss_prune"))
+    assert off.end_epoch(scores, 5) == set() and off.name == "none"
+
+
+# --- the loop -----------------------------------------------------------------------------
+
+
+TRAINED_EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def trained(small_catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(small_catalog, out, tiny_config(optim={"epochs": TRAINED_EPOCHS}))
+    return out
+
+
+def _recall_at(encoder, catalog: Path, k: int = 10) -> float:
+    import io
+
+    from PIL import Image
+
+    products = pq.read_table(catalog / "products").to_pylist()
+    queries = [q for q in pq.read_table(catalog / "queries").to_pylist() if q["query_text"]]
+    product_items = [
+        EncodeItem(
+            text=p["title"],
+            images=[Image.open(io.BytesIO(p["images"][0]["bytes"]))] if p["images"] else [],
+        )
+        for p in products
+    ]
+    ids = [p["product_id"] for p in products]
+    candidates = np.concatenate(
+        [encoder.encode(product_items[i : i + 64]) for i in range(0, len(product_items), 64)]
+    )
+    query_emb = encoder.encode([EncodeItem(text=q["query_text"]) for q in queries])
+    top = np.argsort(-(query_emb @ candidates.T), axis=1)[:, :k]
+    hits = [q["positive_id"] in {ids[j] for j in row} for q, row in zip(queries, top, strict=True)]
+    return float(np.mean(hits))
+
+
+def test_end_to_end_outputs(trained: Path, small_catalog: Path) -> None:
+    summary = json.loads((trained / "train_summary.json").read_text())
+    queries = pq.read_table(small_catalog / "queries").num_rows
+    assert summary["queries_used"] + summary["queries_rejected"] == queries
+    assert (trained / "train_config.yaml").exists()
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == summary["updates"]
+    for key in (
+        "loss",
+        "loss_t2mm",
+        "loss_i2mm",
+        "loss_mm2mm",
+        "loss_intra",
+        "loss_aux",
+        "loss_sparsity",
+        "omega_t2mm",
+        "omega_intra",
+        "lr",
+        "samples_per_s",
+    ):
+        assert key in records[-1], key
+    assert len(records[-1]["usage_text"]) == 4
+    for epoch in range(TRAINED_EPOCHS):
+        table = pl.read_parquet(trained / "scores" / f"epoch-{epoch:03d}.parquet")
+        assert set(table.columns) >= {
+            "sample_id",
+            "epoch",
+            "loss",
+            "margin",
+            "phi",
+            "weight",
+            "kept",
+        }
+        assert table["sample_id"].n_unique() == table.height
+        assert (table["epoch"] == epoch).all()
+    report = json.loads((trained / "filter_report.json").read_text())
+    assert report["policy"] == "margin_weighting" and len(report["epochs"]) == TRAINED_EPOCHS
+
+
+def test_training_improves_retrieval(trained: Path, small_catalog: Path) -> None:
+    from moon2.train.model import Moon2Encoder
+
+    config = tiny_config()
+    backbone, processor = build_backbone(config.model, config.seed)
+    untrained = Moon2Encoder(
+        Moon2Model(
+            backbone, config.model, config.moe, prefix_tokens=template_prefix_tokens(processor)
+        ),
+        processor,
+        torch.device("cpu"),
+    )
+    before = _recall_at(untrained, small_catalog)
+    after = _recall_at(load_model(trained / "final", device="cpu"), small_catalog)
+    assert after > before + 0.1, (before, after)
+
+
+def test_final_model_loads_in_one_call_and_embeds(
+    trained: Path, small_catalog: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    import moon2
+    from moon2.cli import app
+
+    encoder = moon2.load_model(trained / "final", device="cpu")
+    vectors = encoder.encode(_items())
+    assert vectors.shape == (3, encoder.dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    result = CliRunner().invoke(
+        app,
+        [
+            "embed",
+            str(trained / "final"),
+            str(small_catalog),
+            str(tmp_path / "emb"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    products = pq.read_table(tmp_path / "emb" / "products")
+    assert products.num_rows == pq.read_table(small_catalog / "products").num_rows
+    assert products.schema.field("embedding").type.list_size == encoder.dim
+
+
+def test_rejects_bad_rows_and_keeps_training(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog"
+    (catalog / "products").mkdir(parents=True)
+    (catalog / "queries").mkdir()
+    colours = [(i * 20 % 256, 255 - i * 20 % 256, i * 7 % 256) for i in range(12)]
+    products = [
+        product_row(
+            f"p{i}",
+            title=f"product number {i} in colour {c}",
+            images=[{"bytes": png_bytes(c, 32), "path": None}],
+        )
+        for i, c in enumerate(colours)
+    ]
+    pq.write_table(products_table(products), catalog / "products" / "p.parquet")
+    queries = [query_row(f"q{i}", f"p{i % 12}", query_text=f"number {i % 12}") for i in range(24)]
+    queries.append(query_row("ghost", "no-such-product"))
+    queries.append(query_row("empty", "p1", query_text=None))
+    queries.append(
+        query_row(
+            "broken", "p2", query_text=None, query_image={"bytes": b"not an image", "path": None}
+        )
+    )
+    pq.write_table(queries_table(queries), catalog / "queries" / "q.parquet")
+    out = tmp_path / "run"
+    train(catalog, out, tiny_config(optim={"epochs": 1, "batch_size": 4}))
+    rejects = pq.read_table(out / "_rejects" / "queries").to_pylist()
+    reasons = {r["query_id"]: r["reject_reason"] for r in rejects}
+    assert set(reasons) == {"ghost", "empty", "broken"}
+    assert "no-such-product" in reasons["ghost"]
+    assert (out / "final" / "model.safetensors").exists()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["queries_used"] + summary["queries_rejected"] == len(queries)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def _train_command(data: Path, out: Path, config: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "moon2.cli",
+        "train",
+        str(data),
+        str(out),
+        "--config",
+        str(config),
+        *extra,
+    ]
+
+
+def test_killed_run_resumes_to_the_same_weights(small_catalog: Path, tmp_path: Path) -> None:
+    config = tiny_config(optim={"epochs": 2, "batch_size": 8}, checkpoint={"every_steps": 4})
+    config_path = tmp_path / "tiny.yaml"
+    config.to_yaml(config_path)
+    reference = tmp_path / "reference"
+    train(small_catalog, reference, config)
+
+    killed = tmp_path / "killed"
+    log = (tmp_path / "killed.log").open("w")
+    process = subprocess.Popen(
+        _train_command(small_catalog, killed, config_path), stdout=log, stderr=log
+    )
+    deadline = time.monotonic() + 300
+    # kill mid-run: once the second checkpoint (step 8, inside epoch 0) is complete
+    while not (killed / "checkpoints" / "step-0000008").exists():
+        assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final").exists()
+
+    with pytest.raises(Exception, match="--resume"):
+        train(small_catalog, killed, config)
+    train(small_catalog, killed, config, resume=True)
+    expected, got = _weights(reference), _weights(killed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4)
+    for epoch in (0, 1):
+        a = pl.read_parquet(reference / "scores" / f"epoch-{epoch:03d}.parquet")
+        b = pl.read_parquet(killed / "scores" / f"epoch-{epoch:03d}.parquet")
+        assert a["sample_id"].to_list() == b["sample_id"].to_list()
+        np.testing.assert_allclose(a["loss"].to_numpy(), b["loss"].to_numpy(), atol=1e-4)
+
+
+def test_ddp_two_cpu_processes(small_catalog: Path, tmp_path: Path) -> None:
+    config = tiny_config(optim={"epochs": 1, "batch_size": 4, "max_steps": 6})
+    config_path = tmp_path / "tiny.yaml"
+    config.to_yaml(config_path)
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "moon2.cli",
+        "train",
+        str(small_catalog),
+        str(out),
+        "--config",
+        str(config_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["updates"] == 6
+    scores = pl.read_parquet(out / "scores" / "epoch-000.parquet")
+    assert scores.height == 6 * 4 * 2  # both ranks' samples, gathered
+    assert load_model(out / "final", device="cpu").encode(_items()).shape[0] == 3
+
+
+@pytest.mark.slow
+def test_ray_train_local_two_workers(small_catalog: Path, tmp_path: Path) -> None:
+    from moon2.train.launch import train_on_ray
+
+    config = tiny_config(optim={"epochs": 1, "batch_size": 4, "max_steps": 4})
+    result = train_on_ray(
+        small_catalog, tmp_path / "ray", config, resume=False, address="local", num_workers=2
+    )
+    assert result.summary["world_size"] == 2 and result.steps == 4
+    assert (tmp_path / "ray" / "final" / "model.safetensors").exists()
