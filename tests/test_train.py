@@ -417,3 +417,24 @@ def test_ray_train_local_two_workers(small_catalog: Path, tmp_path: Path) -> Non
     )
     assert result.summary["world_size"] == 2 and result.steps == 4
     assert (tmp_path / "ray" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"model": {"gradient_checkpointing": True}},
+        {"model": {"lora": {"enabled": True, "r": 4, "alpha": 8}}},
+    ],
+    ids=["gradient_checkpointing", "lora"],
+)
+def test_gradient_checkpointing_and_lora_train_and_save_plain_models(
+    small_catalog: Path, tmp_path: Path, sections: dict
+) -> None:
+    model_section = {**TINY["model"], **sections["model"]}
+    config = tiny_config(model=model_section, optim={"epochs": 1, "max_steps": 3})
+    out = tmp_path / "run"
+    train(small_catalog, out, config)
+    weights = _weights(out)
+    assert not any("lora_" in name for name in weights)  # LoRA merged into the base weights
+    encoder = load_model(out / "final", device="cpu")
+    assert np.isfinite(encoder.encode(_items())).all()
