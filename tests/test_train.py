@@ -438,3 +438,15 @@ def test_gradient_checkpointing_and_lora_train_and_save_plain_models(
     assert not any("lora_" in name for name in weights)  # LoRA merged into the base weights
     encoder = load_model(out / "final", device="cpu")
     assert np.isfinite(encoder.encode(_items())).all()
+
+
+def test_backbone_from_a_local_directory(small_catalog: Path, tmp_path: Path) -> None:
+    """The hub-id / local-path loading code, on a tiny Qwen2-VL saved like a hub model."""
+    from moon2.models.offline import build_tiny_qwen2vl
+
+    local = build_tiny_qwen2vl(tmp_path / "qwen2vl-tiny", hidden_size=32, layers=2, vision_depth=1)
+    model_section = {**TINY["model"], "backbone": str(local)}
+    config = tiny_config(model=model_section, optim={"epochs": 1, "max_steps": 2})
+    train(small_catalog, tmp_path / "run", config)
+    encoder = load_model(tmp_path / "run" / "final", device="cpu")
+    assert encoder.encode(_items()).shape == (3, 32)
