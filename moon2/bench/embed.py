@@ -16,24 +16,16 @@ from pathlib import Path
 import pyarrow as pa
 
 from moon2 import progress
-from moon2.data.images import decode_image
+from moon2.data.images import decode_images
 from moon2.data.io import PartWriter, count_rows, iter_batches
 from moon2.data.schema import PRODUCTS, QUERIES
-from moon2.errors import ImageDecodeError, InputError
+from moon2.errors import InputError
 from moon2.models.base import EncodeItem, Encoder
 
 
 def _decode(cells: list, base: Path, limit: int, failures: list[int]) -> list:
-    images = []
-    for cell in cells:
-        if len(images) >= limit:
-            break
-        if cell is None:
-            continue
-        try:
-            images.append(decode_image(cell, base_dir=base))
-        except ImageDecodeError:
-            failures[0] += 1
+    images, failed = decode_images(cells, limit, base_dir=base)
+    failures[0] += failed
     return images
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -151,6 +152,26 @@ def decode_image(
 ) -> Image.Image:
     """Decode an image cell into a PIL image; ImageDecodeError says why when it cannot."""
     return decode_bytes(read_image_bytes(cell, base_dir), mode=mode, draft_size=draft_size)
+
+
+def decode_images(
+    cells: Sequence[dict[str, Any] | None],
+    limit: int,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> tuple[list[Image.Image], int]:
+    """Up to ``limit`` decoded images from ``cells`` (null cells skipped), and how many failed."""
+    images: list[Image.Image] = []
+    failed = 0
+    for cell in cells:
+        if len(images) >= limit:
+            break
+        if cell is None:
+            continue
+        try:
+            images.append(decode_image(cell, base_dir=base_dir))
+        except ImageDecodeError:
+            failed += 1
+    return images, failed
 
 
 def encode_image(

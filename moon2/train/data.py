@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import os
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import pyarrow.ipc as ipc
 import torch
 
 from moon2 import progress
-from moon2.data.images import decode_image
+from moon2.data.images import decode_image, decode_images
 from moon2.data.io import align_to_schema, count_rows, iter_batches
 from moon2.data.schema import PRODUCTS, QUERIES
 from moon2.errors import ImageDecodeError, InputError
@@ -183,20 +182,6 @@ def _unreadable_images(column: pa.ChunkedArray) -> dict[int, str]:
     return bad
 
 
-def _decode_all(cells: Sequence[dict[str, Any] | None], limit: int) -> tuple[list[Any], int]:
-    images, failed = [], 0
-    for cell in cells:
-        if len(images) >= limit:
-            break
-        if cell is None:
-            continue
-        try:
-            images.append(decode_image(cell))
-        except ImageDecodeError:
-            failed += 1
-    return images, failed
-
-
 class TripletDataset(torch.utils.data.Dataset):
     """Map-style dataset of (query views, positive, negatives) samples."""
 
@@ -227,9 +212,9 @@ class TripletDataset(torch.utils.data.Dataset):
         text = title
         if self.has_aug_title and record.get("aug_title"):
             text = f"{title}\n{record['aug_title']}".strip()
-        images, failed = _decode_all(record.get("images") or [], self.config.max_images)
+        images, failed = decode_images(record.get("images") or [], self.config.max_images)
         if self.has_aug_images and self.config.max_aug_images:
-            extra, more = _decode_all(record.get("aug_images") or [], self.config.max_aug_images)
+            extra, more = decode_images(record.get("aug_images") or [], self.config.max_aug_images)
             images += extra
             failed += more
         main = images[0] if images and record.get("images") else None
