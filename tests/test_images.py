@@ -18,6 +18,8 @@ from moon2.data.images import (
     encode_image,
     is_remote,
     local_path,
+    product_matte,
+    random_view,
 )
 from moon2.errors import ImageDecodeError
 
@@ -338,3 +340,69 @@ def test_decompression_bomb_is_decode_error(side: int, monkeypatch: pytest.Monke
     assert decode_image(_cell(small)).size == (20, 20)  # 400 pixels: under the limit
     with pytest.raises(ImageDecodeError, match="too large to decode safely"):
         decode_image(_cell(bomb))
+
+
+# --- random views (training augmentation) -------------------------------------------------
+
+
+def _product_photo() -> Image.Image:
+    """A red square product on a light grey background."""
+    image = Image.new("RGB", (64, 48), (235, 235, 235))
+    image.paste(RED, (20, 12, 44, 36))
+    return image
+
+
+def test_random_view_is_seeded_keeps_size_and_product_colour() -> None:
+    photo = _product_photo()
+    first = random_view(photo, random.Random(3))
+    assert first.size == photo.size and first.mode == "RGB"
+    assert first.tobytes() == random_view(photo, random.Random(3)).tobytes()
+    assert first.tobytes() != random_view(photo, random.Random(4)).tobytes()
+    for seed in range(20):
+        view = random_view(photo, random.Random(seed), background_probability=0.0)
+        colours = {colour for _, colour in view.getcolors(64 * 48)}
+        # corners are filled with the background, never black; the product is still red
+        # (brightness may change, hue may not)
+        for corner in ((0, 0), (63, 0), (0, 47), (63, 47)):
+            r, g, b = view.getpixel(corner)
+            assert abs(r - g) < 12 and abs(g - b) < 12 and r > 180
+        reds = [c for c in colours if c[0] > 150 and c[1] < 60 and c[2] < 70]
+        assert reds, f"seed {seed}: no red product pixels left"
+
+
+# every change but the background switched off
+BACKGROUND_ONLY: dict[str, float] = {
+    "background_probability": 1.0,
+    "max_rotation": 0.0,
+    "min_scale": 1.0,
+    "max_shift": 0.0,
+    "max_brightness": 0.0,
+    "max_blur": 0.0,
+}
+
+
+def test_random_view_replaces_a_plain_background_only() -> None:
+    photo = _product_photo()
+    matte = product_matte(photo)
+    assert matte is not None
+    assert matte.getpixel((32, 24)) == 255 and matte.getpixel((2, 2)) == 0
+    replaced = 0
+    for seed in range(12):
+        view = random_view(photo, random.Random(seed), **BACKGROUND_ONLY)
+        assert _close(view.getpixel((32, 24)), RED, 2)  # the product is untouched
+        replaced += not _close(view.getpixel((2, 2)), (235, 235, 235), 2)
+    assert replaced >= 10  # a new background (a random one may rarely match the old)
+    # a busy photo (no plain background) keeps its background: the matte would cut it apart
+    busy = Image.effect_noise((64, 48), 80).convert("RGB")
+    assert product_matte(busy) is None
+    kept = random_view(busy, random.Random(0), **BACKGROUND_ONLY)
+    assert (
+        kept.tobytes() == busy.tobytes()
+        or kept.transpose(Image.Transpose.FLIP_LEFT_RIGHT).tobytes() == busy.tobytes()
+    )
+
+
+def test_random_view_accepts_transparent_and_tiny_images() -> None:
+    rgba = Image.new("RGBA", (5, 3), (0, 0, 255, 0))
+    view = random_view(rgba, random.Random(0))
+    assert view.size == (5, 3) and view.mode == "RGB"

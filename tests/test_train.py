@@ -23,6 +23,7 @@ from moon2.models.base import EncodeItem
 from moon2.train.config import FilterConfig, TrainConfig
 from moon2.train.inputs import build_inputs
 from moon2.train.model import (
+    EmbeddingCenter,
     Moon2Model,
     build_backbone,
     load_model,
@@ -99,6 +100,28 @@ def test_pool_by_hand() -> None:
     assert torch.allclose(both[1], torch.tensor([4.0, 2]))  # no image: the plain mean
 
 
+def test_embedding_center_removes_each_modality_mean() -> None:
+    center = EmbeddingCenter(2, momentum=0.5)
+    pooled = torch.tensor([[1.0, 2.0], [3.0, 2.0], [5.0, 5.0], [7.0, 9.0], [4.0, 4.0]])
+    modality = torch.tensor([0, 0, 2, 2, 1])  # text, text, image+text, image+text, image
+    centred = center(pooled, modality)
+    # training: each modality's batch mean (a lone image row: the running mean, still zero)
+    expected = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [-1.0, -2.0], [1.0, 2.0], [4.0, 4.0]])
+    assert torch.allclose(centred, expected)
+    assert torch.allclose(center.mean, torch.tensor([[2.0, 2.0], [0.0, 0.0], [6.0, 7.0]]))
+    center(torch.zeros(2, 2), torch.tensor([0, 0]))  # text mean <- 0.5 * 2 + 0.5 * 0
+    assert torch.allclose(center.mean[0], torch.ones(2))
+    center.eval()  # evaluation: the frozen running means, whatever the batch
+    assert torch.allclose(center(pooled[:1], modality[:1]), torch.tensor([[0.0, 1.0]]))
+    assert torch.allclose(center.mean[0], torch.ones(2))
+    # training passes gradients through the batch mean, as batch norm does
+    center.train()
+    x = torch.randn(3, 2, requires_grad=True)
+    weights = torch.tensor([[1.0, 0.0], [0.0, 0.0], [2.0, 3.0]])
+    (center(x, torch.zeros(3, dtype=torch.long)) * weights).sum().backward()
+    assert torch.allclose(x.grad, weights - weights.mean(0))
+
+
 def test_prefix_tokens_are_the_constant_template_opening() -> None:
     _, processor = build_backbone(tiny_config().model, seed=0)
     prefix = template_prefix_tokens(processor)
@@ -120,6 +143,24 @@ def test_processor_pixel_budget_is_applied() -> None:
         inputs = build_inputs(processor, [EncodeItem(images=[image])], 24)
         grids.append(inputs["image_grid_thw"].tolist())
     assert grids == [[[1, 4, 4]], [[1, 8, 8]]]  # 14-pixel patches
+
+
+def test_inputs_carry_each_rows_modality_and_centring_uses_it() -> None:
+    from moon2.train.inputs import MODALITY_KEY
+
+    config = tiny_config(model={**TINY["model"], "center": True})
+    backbone, processor = build_backbone(config.model, seed=0)
+    model = Moon2Model.with_processor(backbone, processor, config.model, config.moe)
+    inputs = build_inputs(processor, _items(), 24)
+    assert inputs[MODALITY_KEY].tolist() == [0, 1, 2]  # text, image, image + text
+    model.eval()
+    with torch.no_grad():
+        plain = model(inputs)
+        model.center.mean.fill_(0.1)  # a different mean changes what is subtracted
+        assert not torch.allclose(model(inputs), plain)
+    del inputs[MODALITY_KEY]
+    with pytest.raises(ValueError, match=MODALITY_KEY):
+        model(inputs)
 
 
 def test_upcycled_moe_backbone_equals_dense_at_init() -> None:
@@ -202,6 +243,37 @@ def _recall_at(encoder, catalog: Path, k: int = 10) -> float:
     top = np.argsort(-(query_emb @ candidates.T), axis=1)[:, :k]
     hits = [q["positive_id"] in {ids[j] for j in row} for q, row in zip(queries, top, strict=True)]
     return float(np.mean(hits))
+
+
+def test_view_augmentation_is_seeded_per_epoch_and_off_by_default(
+    small_catalog: Path, tmp_path: Path
+) -> None:
+    from moon2.train.config import DataConfig
+    from moon2.train.data import TripletDataset, build_index, prepare_stores
+
+    products, queries = prepare_stores(small_catalog, tmp_path / "cache")
+    index = build_index(products, queries)
+    position = next(
+        i
+        for i in range(len(index.query_rows))
+        if queries.row(int(index.query_rows[i]))["query_image"]
+    )
+
+    def pixels(mode: str, epoch: int) -> list[bytes]:
+        dataset = TripletDataset(products, queries, index, DataConfig(view_augmentation=mode), 0)
+        dataset.epoch = epoch
+        sample = dataset[position]
+        images = [sample["positive"]["intra_image"], *sample["positive"]["images"]]
+        images += sample["views"]["i2mm"].images
+        return [image.tobytes() for image in images]
+
+    plain = pixels("none", 0)
+    assert pixels("none", 1) == plain  # no augmentation: the stored photos, every epoch
+    catalog = pixels("catalog", 0)
+    assert catalog == pixels("catalog", 0)  # seeded: the same views on a re-run (resume)
+    assert catalog[:-1] != plain[:-1] and catalog[-1] == plain[-1]  # query photo untouched
+    assert pixels("catalog", 1)[:-1] != catalog[:-1]  # new views each epoch
+    assert pixels("all", 0)[-1] != plain[-1]
 
 
 def test_end_to_end_outputs(trained: Path, small_catalog: Path) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from moon2.errors import ImageDecodeError
 
@@ -190,3 +191,109 @@ def encode_image(
     else:
         image.save(buffer, format=image_format)
     return {"bytes": buffer.getvalue(), "path": None}
+
+
+def border_color(image: Image.Image) -> tuple[int, int, int]:
+    """The median colour of the image's one-pixel frame (a product photo's background)."""
+    import numpy as np
+
+    pixels = np.asarray(to_mode(image, "RGB"))
+    frame = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    median = np.median(frame, axis=0)
+    return (int(median[0]), int(median[1]), int(median[2]))
+
+
+PLAIN_BACKGROUND_SPREAD = 12.0
+"""Mean absolute deviation (0-255) of the frame from its median colour under which a photo
+counts as shot on a plain background (its product can be cut out by colour)."""
+
+
+def product_matte(image: Image.Image) -> Image.Image | None:
+    """The product's alpha (L mode, 255 = product) of a photo on a plain background, found by
+    distance from the background colour; None when the background is not plain (a lifestyle
+    photo, a full-bleed close-up), where a colour matte would cut the product apart."""
+    import numpy as np
+
+    pixels = np.asarray(to_mode(image, "RGB"), dtype=np.float32)
+    frame = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = np.median(frame, axis=0)
+    if np.abs(frame - background).mean() > PLAIN_BACKGROUND_SPREAD:
+        return None
+    distance = np.abs(pixels - background).max(axis=-1)
+    alpha = np.clip((distance - 12.0) * (255.0 / 24.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(alpha, "L").filter(ImageFilter.GaussianBlur(0.7))
+
+
+def random_background(width: int, height: int, rng: random.Random) -> Image.Image:
+    """A plain colour, a two-colour gradient, or a clutter of coloured shapes."""
+    from PIL import ImageDraw
+
+    def colour() -> tuple[int, int, int]:
+        return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+
+    kind = rng.choice(("plain", "gradient", "clutter"))
+    if kind == "plain":
+        return Image.new("RGB", (width, height), colour())
+    if kind == "gradient":
+        top = Image.new("RGB", (width, height), colour())
+        mask = Image.linear_gradient("L").resize((width, height))
+        return Image.composite(Image.new("RGB", (width, height), colour()), top, mask)
+    canvas = Image.new("RGB", (width, height), colour())
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(rng.randint(2, 6)):
+        x0, y0 = rng.uniform(-0.2, 1.0) * width, rng.uniform(-0.2, 1.0) * height
+        x1, y1 = x0 + rng.uniform(0.15, 0.7) * width, y0 + rng.uniform(0.15, 0.7) * height
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x0, y0, x1, y1), fill=colour())
+    return canvas
+
+
+def random_view(
+    image: Image.Image,
+    rng: random.Random,
+    max_rotation: float = 25.0,
+    min_scale: float = 0.7,
+    max_shift: float = 0.1,
+    max_brightness: float = 0.15,
+    background_probability: float = 0.5,
+    max_blur: float = 1.0,
+) -> Image.Image:
+    """Another photo of the same product: mirrored or not, scaled down, moved, rotated, lit
+    differently, on a new background (when the photo's is plain, see :func:`product_matte`)
+    and a little out of focus.
+
+    The product's colours never change (its colour is part of its identity) and nothing is
+    cropped away beyond what rotating the frame's corners hides. Deterministic given ``rng``.
+    """
+    from PIL import ImageEnhance
+
+    image = to_mode(image, "RGB")
+    width, height = image.size
+    fill = border_color(image)
+    matte = product_matte(image) if rng.random() < background_probability else None
+    layers = [(image, fill)] if matte is None else [(image, fill), (matte, 0)]
+    flip = rng.random() < 0.5
+    scale = rng.uniform(min_scale, 1.0)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    left = round((width - size[0]) / 2 + rng.uniform(-max_shift, max_shift) * width)
+    top = round((height - size[1]) / 2 + rng.uniform(-max_shift, max_shift) * height)
+    angle = rng.uniform(-max_rotation, max_rotation)
+    moved = []
+    for layer, background in layers:  # the photo and its matte move together
+        if flip:
+            layer = layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        canvas = Image.new(layer.mode, (width, height), background)
+        canvas.paste(layer.resize(size, Image.Resampling.BILINEAR), (left, top))
+        moved.append(canvas.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=background))
+    canvas = moved[0]
+    if matte is not None:
+        canvas = Image.composite(canvas, random_background(width, height, rng), moved[1])
+    if max_brightness:
+        canvas = ImageEnhance.Brightness(canvas).enhance(
+            rng.uniform(1 - max_brightness, 1 + max_brightness)
+        )
+    if max_blur:
+        radius = rng.uniform(0.0, max_blur) * min(width, height) / 128
+        if radius > 0.2:
+            canvas = canvas.filter(ImageFilter.GaussianBlur(radius))
+    return canvas

@@ -199,6 +199,7 @@ def tiny_qwen2vl_config(
     hidden_size: int = 128,
     layers: int = 2,
     vision_depth: int = 2,
+    vision_width: int = 64,
 ) -> Any:
     """A few-million-parameter Qwen2-VL config (random init is the CPU default backbone)."""
     from transformers import Qwen2VLConfig
@@ -223,9 +224,9 @@ def tiny_qwen2vl_config(
         },
         vision_config={
             "depth": vision_depth,
-            "embed_dim": 64,
+            "embed_dim": vision_width,
             "hidden_size": hidden_size,
-            "num_heads": 4,
+            "num_heads": max(4, vision_width // 32),
             "mlp_ratio": 2,
             "patch_size": 14,
             "spatial_merge_size": 2,

@@ -18,6 +18,12 @@ class TinyBackboneConfig(Config):
     hidden_size: int = Field(128, ge=32, description="Decoder hidden size.")
     layers: int = Field(2, ge=1, description="Decoder layers.")
     vision_depth: int = Field(2, ge=1, description="Vision transformer blocks.")
+    vision_width: int = Field(
+        64,
+        ge=32,
+        multiple_of=32,
+        description="Vision transformer width (attention heads: max(4, width / 32)).",
+    )
     init_token_embeddings: Literal["smollm2", "random"] = Field(
         "smollm2",
         description="smollm2: token embeddings start as a PCA of SmolLM2-135M's (same "
@@ -63,9 +69,18 @@ class ModelConfig(Config):
     projection_dim: int | None = Field(
         None, ge=8, description="Optional linear projection of the pooled state."
     )
+    center: bool = Field(
+        True,
+        description="Subtract from each pooled vector the mean of its modality (text, image, "
+        "image+text) before normalising: the batch's mean in training, a running mean (kept "
+        "with the model) at evaluation. A random-init backbone puts each modality in its own "
+        "narrow cone, which collapses the embeddings and stalls training at the start.",
+    )
     max_text_tokens: int = Field(48, ge=8, description="Text truncation (tokens).")
     image_min_pixels: int = Field(56 * 56, ge=28 * 28, description="Processor min_pixels.")
-    image_max_pixels: int = Field(56 * 56, ge=28 * 28, description="Processor max_pixels.")
+    image_max_pixels: int = Field(
+        112 * 112, ge=28 * 28, description="Processor max_pixels (14-pixel patches)."
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is slow on CPUs)."
@@ -141,6 +156,13 @@ class DataConfig(Config):
         description="Image the intra-product loss pairs with the title: the main image, or any "
         "of the product's images (drawn per epoch, seeded) so alignment sees every view.",
     )
+    view_augmentation: Literal["none", "catalog", "all"] = Field(
+        "none",
+        description="Train on random views drawn per epoch and seeded (mirror, scale, shift, "
+        "rotation, brightness, blur, a new background behind a plain-background photo; never a "
+        "colour change): of catalog images (candidates and the intra image), of those and query "
+        "photos (all), or none (default: at the tiny-cpu budget it slowed learning).",
+    )
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes.")
 
 
@@ -167,7 +189,7 @@ class FilterConfig(Config):
 class OptimConfig(Config):
     """Optimisation."""
 
-    epochs: int = Field(7, ge=1, description="Passes over the training queries.")
+    epochs: int = Field(4, ge=1, description="Passes over the training queries.")
     batch_size: int = Field(16, ge=2, description="Queries per step per process.")
     grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")

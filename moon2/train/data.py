@@ -26,7 +26,7 @@ import pyarrow.ipc as ipc
 import torch
 
 from moon2 import progress
-from moon2.data.images import decode_image, decode_images
+from moon2.data.images import decode_image, decode_images, random_view
 from moon2.data.io import align_to_schema, count_rows, iter_batches
 from moon2.data.schema import PRODUCTS, QUERIES
 from moon2.errors import ImageDecodeError, InputError
@@ -206,7 +206,11 @@ class TripletDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index.query_rows)
 
-    def product(self, row: int) -> dict[str, Any]:
+    def _rng(self, position: int, role: str) -> random.Random:
+        return random.Random(f"{self.seed}:{self.epoch}:{position}:{role}")
+
+    def product(self, row: int, rng: random.Random | None = None) -> dict[str, Any]:
+        """A candidate's inputs; with ``rng`` its images are random views (view_augmentation)."""
         record = self.products.row(row)
         title = (record.get("title") or "").strip()
         text = title
@@ -218,13 +222,17 @@ class TripletDataset(torch.utils.data.Dataset):
             images += extra
             failed += more
         main = images[0] if images and record.get("images") else None
+        intra_image = self._intra_image(record, main)
+        if rng is not None:
+            images = [random_view(image, rng) for image in images]
+            intra_image = None if intra_image is None else random_view(intra_image, rng)
         return {
             "product_id": record["product_id"],
             "text": text or None,
             "title": title or None,
             "images": images,
             "main_image": main,
-            "intra_image": self._intra_image(record, main),
+            "intra_image": intra_image,
             "images_failed": failed,
         }
 
@@ -254,12 +262,18 @@ class TripletDataset(torch.utils.data.Dataset):
         views = {}
         if text:
             views["t2mm"] = EncodeItem(text=text)
+        if image is not None and self.config.view_augmentation == "all":
+            image = random_view(image, self._rng(position, "query"))
         if image is not None:
             views["i2mm"] = EncodeItem(images=[image])
         if text and image is not None:
             views["mm2mm"] = EncodeItem(text=text, images=[image])
         sample["views"] = views
-        sample["positive"] = self.product(int(self.index.positive_rows[position]))
+        augment = self.config.view_augmentation != "none"
+        sample["positive"] = self.product(
+            int(self.index.positive_rows[position]),
+            self._rng(position, "positive") if augment else None,
+        )
         negatives = self.index.negative_rows[position]
         if negatives and self.config.max_negatives:
             # a different subset each epoch, reproducible from (seed, epoch, sample)
@@ -267,7 +281,10 @@ class TripletDataset(torch.utils.data.Dataset):
             chosen = rng.sample(negatives, min(len(negatives), self.config.max_negatives))
         else:
             chosen = []
-        sample["negatives"] = [self.product(row) for row in chosen]
+        sample["negatives"] = [
+            self.product(row, self._rng(position, f"negative-{k}") if augment else None)
+            for k, row in enumerate(chosen)
+        ]
         return sample
 
 

@@ -45,10 +45,23 @@ def truncate_text(tokenizer: Any, text: str, max_tokens: int) -> str:
     return tokenizer.decode(ids[:max_tokens])
 
 
+MODALITY_KEY = "moon2_modality"
+"""Key of the per-row input modality in :func:`build_inputs`' output (not a backbone input)."""
+TEXT, IMAGE, MULTIMODAL = 0, 1, 2
+
+
+def item_modality(item: EncodeItem) -> int:
+    """TEXT, IMAGE or MULTIMODAL (an empty item counts as text)."""
+    if item.images:
+        return MULTIMODAL if item.text else IMAGE
+    return TEXT
+
+
 def build_inputs(
     processor: Any, items: Sequence[EncodeItem], max_text_tokens: int
 ) -> dict[str, torch.Tensor]:
-    """Processor tensors for ``items`` (an item without text and images gets an empty turn)."""
+    """Processor tensors for ``items`` (an item without text and images gets an empty turn),
+    plus each row's modality under :data:`MODALITY_KEY`."""
     prompts: list[str] = []
     images: list[Any] = []
     for item in items:
@@ -64,5 +77,8 @@ def build_inputs(
             processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
         )
         images.extend(item.images)
-    encoded = processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
-    return dict(encoded)
+    encoded = dict(
+        processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
+    )
+    encoded[MODALITY_KEY] = torch.tensor([item_modality(item) for item in items])
+    return encoded
