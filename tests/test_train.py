@@ -260,7 +260,8 @@ def test_view_augmentation_is_seeded_per_epoch_and_off_by_default(
     )
 
     def pixels(mode: str, epoch: int) -> list[bytes]:
-        dataset = TripletDataset(products, queries, index, DataConfig(view_augmentation=mode), 0)
+        config = DataConfig(view_augmentation=mode, intra_image="main")
+        dataset = TripletDataset(products, queries, index, config, 0)
         dataset.epoch = epoch
         sample = dataset[position]
         images = [sample["positive"]["intra_image"], *sample["positive"]["images"]]

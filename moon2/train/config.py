@@ -152,7 +152,7 @@ class DataConfig(Config):
     max_images: int = Field(1, ge=1, description="Product images per candidate (main first).")
     max_aug_images: int = Field(1, ge=0, description="Expanded images appended per candidate.")
     intra_image: Literal["main", "any"] = Field(
-        "main",
+        "any",
         description="Image the intra-product loss pairs with the title: the main image, or any "
         "of the product's images (drawn per epoch, seeded) so alignment sees every view.",
     )
