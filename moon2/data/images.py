@@ -193,14 +193,22 @@ def encode_image(
     return {"bytes": buffer.getvalue(), "path": None}
 
 
+def _frame_background(pixels: Any) -> tuple[Any, float]:
+    """The median colour of an RGB pixel array's one-pixel frame, and the frame's mean absolute
+    deviation from it (a product photo's background colour, and how plain it is)."""
+    import numpy as np
+
+    frame = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).astype(np.float32)
+    background = np.median(frame, axis=0)
+    return background, float(np.abs(frame - background).mean())
+
+
 def border_color(image: Image.Image) -> tuple[int, int, int]:
     """The median colour of the image's one-pixel frame (a product photo's background)."""
     import numpy as np
 
-    pixels = np.asarray(to_mode(image, "RGB"))
-    frame = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    median = np.median(frame, axis=0)
-    return (int(median[0]), int(median[1]), int(median[2]))
+    background, _ = _frame_background(np.asarray(to_mode(image, "RGB")))
+    return (int(background[0]), int(background[1]), int(background[2]))
 
 
 PLAIN_BACKGROUND_SPREAD = 12.0
@@ -215,9 +223,8 @@ def product_matte(image: Image.Image) -> Image.Image | None:
     import numpy as np
 
     pixels = np.asarray(to_mode(image, "RGB"), dtype=np.float32)
-    frame = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(frame, axis=0)
-    if np.abs(frame - background).mean() > PLAIN_BACKGROUND_SPREAD:
+    background, spread = _frame_background(pixels)
+    if spread > PLAIN_BACKGROUND_SPREAD:
         return None
     distance = np.abs(pixels - background).max(axis=-1)
     alpha = np.clip((distance - 12.0) * (255.0 / 24.0), 0, 255).astype(np.uint8)
