@@ -317,6 +317,94 @@ def build_bench(
     typer.echo("leakage checks: " + ("passed" if leakage["ok"] else f"FAILED {leakage}"))
 
 
+@app.command()
+@_user_errors
+def augment(
+    input_path: Annotated[
+        str,
+        typer.Argument(
+            metavar="IN",
+            help="Products catalog: a Parquet file, a directory of parts, a glob, or a catalog "
+            "directory holding products/.",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="OUT", help="Gets products/, _rejects/, manifest.json.", show_default=False
+        ),
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML config (configs/augment/default.yaml: offline CPU defaults)."),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address (e.g. ray://head:10001); none: a local Ray."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Augment only the first N rows.")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Skip parts a previous run of the same job finished (--no-resume: start over)."
+        ),
+    ] = True,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            help="Run on Ray Data (--no-ray: a plain loop in this process, for debugging)."
+        ),
+    ] = True,
+) -> None:
+    """Enrich titles with an (M)LLM and expand images (clean main image, then varied views).
+
+    Every input column is kept; added: aug_title (+ aug_title_source llm/fallback/rule,
+    aug_title_gate), aug_entities, aug_images, aug_image_scores, aug_image_ops, aug_engine.
+    Rows that cannot be augmented go to OUT/_rejects/ with the reason. Killed runs resume:
+    re-run the same command.
+    """
+    from moon2.augment.config import AugmentConfig
+    from moon2.augment.pipeline import augment as run_augment
+
+    cfg = AugmentConfig.from_yaml(config)
+    source = Path(input_path)
+    if source.is_dir() and (source / "products").is_dir():
+        source = source / "products"
+    result = run_augment(
+        source, out_dir, cfg, address=address, limit=limit, resume=resume, use_ray=ray
+    )
+    _print_augment_summary(result.manifest)
+
+
+def _print_augment_summary(manifest: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="moon2 augment", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows_in, rows_out = manifest["rows_in"], manifest["rows_out"]
+    table.add_row("rows in", f"{rows_in:,}")
+    table.add_row("rows out", f"{rows_out:,}")
+    table.add_row("rows rejected", f"{manifest['rows_rejected']:,}")
+    for reason, count in manifest["reject_reasons"].items():
+        table.add_row(f"  rejected: {escape(reason)}", f"{count:,}")
+    for source, count in sorted(manifest["title_sources"].items()):
+        table.add_row(f"titles: {source}", f"{count:,}")
+    for reason, count in list(manifest["gate_failures_first_attempt"].items())[:6]:
+        table.add_row(f"  gate failed (1st try): {escape(reason)}", f"{count:,}")
+    images = manifest["images"]
+    if images:
+        table.add_row("images kept", f"{images.get('images_kept', 0):,}")
+        table.add_row("images dropped (consistency)", f"{images.get('images_dropped', 0):,}")
+    table.add_row(
+        "parts (skipped: done before)", f"{manifest['parts']:,} ({manifest['parts_skipped']:,})"
+    )
+    table.add_row("seconds", f"{manifest['seconds_this_run']:.1f}")
+    progress.console().print(table)
+    typer.echo(f"rows in {rows_in:,} = out {rows_out:,} + rejected {manifest['rows_rejected']:,}")
+
+
 @app.command("eval")
 @_user_errors
 def eval_(

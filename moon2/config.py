@@ -76,6 +76,8 @@ def _emit(config: BaseModel, lines: list[str], indent: int) -> None:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

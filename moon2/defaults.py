@@ -14,6 +14,7 @@ from moon2.config import Config, commented_yaml
 
 def shipped_configs() -> dict[str, tuple[Config, str]]:
     """configs/<path> -> (config, header)."""
+    from moon2.augment.config import recipes as augment_recipes
     from moon2.bench.config import BenchConfig, EvalConfig
     from moon2.data.synth.generator import SynthConfig
     from moon2.train.recipes import recipes
@@ -38,6 +39,8 @@ def shipped_configs() -> dict[str, tuple[Config, str]]:
     }
     for name, (config, header) in recipes().items():
         shipped[f"train/{name}.yaml"] = (config, header)
+    for name, (config, header) in augment_recipes().items():
+        shipped[f"augment/{name}.yaml"] = (config, header)
     return shipped
 
 

@@ -15,10 +15,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 _console = Console(stderr=True)
 _quiet = False
@@ -58,21 +60,32 @@ class Task:
             self._progress.advance(self._task_id, amount)
 
 
+class _RateColumn(ProgressColumn):
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: object) -> Text:
+        speed = getattr(task, "speed", None)
+        return Text("" if speed is None else f"{speed:.1f} {self.unit}/s")
+
+
 @contextlib.contextmanager
-def task(description: str, total: float | None) -> Iterator[Task]:
-    """A progress bar for a long piece of work of ``total`` units (None when unknown)."""
+def task(description: str, total: float | None, unit: str | None = None) -> Iterator[Task]:
+    """A progress bar for a long piece of work of ``total`` units (None when unknown); with
+    ``unit`` it also shows the rate (``12.5 rows/s``)."""
     if _quiet:
         yield Task(None, None)
         return
-    progress = Progress(
+    columns: list[ProgressColumn] = [
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=_console,
-        transient=False,
-    )
+    ]
+    if unit is not None:
+        columns.append(_RateColumn(unit))
+    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
+    progress = Progress(*columns, console=_console, transient=False)
     with progress:
         task_id = progress.add_task(escape(description), total=total)
         yield Task(progress, task_id)

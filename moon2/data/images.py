@@ -212,22 +212,60 @@ def border_color(image: Image.Image) -> tuple[int, int, int]:
 
 
 PLAIN_BACKGROUND_SPREAD = 12.0
-"""Mean absolute deviation (0-255) of the frame from its median colour under which a photo
-counts as shot on a plain background (its product can be cut out by colour)."""
+"""Mean absolute deviation (0-255) of the frame from its fitted background (a plain colour or
+a linear gradient) under which a photo counts as shot on a plain background (its product can
+be cut out by colour)."""
+
+
+def background_model(pixels: Any) -> tuple[Any, float]:
+    """A plain-or-linear-gradient background fitted to an RGB array's one-pixel frame
+    (per channel ``a + b x + c y``, refitted without the worst fifth of the frame so a product
+    touching the edge does not bend it), evaluated at every pixel; and the frame's mean
+    absolute deviation from it (how well such a background explains the frame)."""
+    import numpy as np
+
+    height, width = pixels.shape[:2]
+    ys = np.concatenate(
+        [np.zeros(width), np.full(width, height - 1), np.arange(height), np.arange(height)]
+    )
+    xs = np.concatenate(
+        [np.arange(width), np.arange(width), np.zeros(height), np.full(height, width - 1)]
+    )
+    frame = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).astype(np.float64)
+    scale_x, scale_y = max(width - 1, 1), max(height - 1, 1)
+    design = np.stack([np.ones_like(xs), xs / scale_x, ys / scale_y], axis=1)
+    keep = np.ones(len(frame), dtype=bool)
+    for _ in range(2):
+        coefficients, *_ = np.linalg.lstsq(design[keep], frame[keep], rcond=None)
+        residual = np.abs(frame - design @ coefficients).max(axis=1)
+        keep = residual <= np.quantile(residual, 0.8)
+    spread = float(np.abs(frame[keep] - design[keep] @ coefficients).mean())
+    grid_y, grid_x = np.mgrid[0:height, 0:width]
+    full = (
+        np.stack([np.ones((height, width)), grid_x / scale_x, grid_y / scale_y], axis=-1)
+        @ coefficients
+    )
+    return full.astype(np.float32), spread
 
 
 def product_matte(image: Image.Image) -> Image.Image | None:
-    """The product's alpha (L mode, 255 = product) of a photo on a plain background, found by
-    distance from the background colour; None when the background is not plain (a lifestyle
-    photo, a full-bleed close-up), where a colour matte would cut the product apart."""
+    """The product's alpha (L mode, 255 = product) of a photo on a plain or smoothly graded
+    background, found by distance from the fitted background (:func:`background_model`); None
+    when the background is neither (a lifestyle photo, a full-bleed close-up), where a colour
+    matte would cut the product apart."""
     import numpy as np
 
     pixels = np.asarray(to_mode(image, "RGB"), dtype=np.float32)
-    background, spread = _frame_background(pixels)
+    background, spread = background_model(pixels)
     if spread > PLAIN_BACKGROUND_SPREAD:
         return None
+    from scipy.ndimage import binary_fill_holes
+
     distance = np.abs(pixels - background).max(axis=-1)
-    alpha = np.clip((distance - 12.0) * (255.0 / 24.0), 0, 255).astype(np.uint8)
+    alpha = np.clip((distance - 12.0) * (255.0 / 24.0), 0, 255)
+    # parts of the product as pale as the background (a white panel inside a dark outline)
+    # are enclosed by the silhouette: fill them
+    alpha = np.maximum(alpha, binary_fill_holes(alpha >= 128) * 255.0).astype(np.uint8)
     return Image.fromarray(alpha, "L").filter(ImageFilter.GaussianBlur(0.7))
 
 

@@ -1,0 +1,359 @@
+"""``moon2 augment``: plan the parts, run the stages on Ray Data (or a plain loop), write the
+parts as they finish, resume, and account for every row.
+
+Output (``OUT/``):
+
+- ``products/part-FFFFF-OOOOOOOOOOOO.parquet``: every input column unchanged plus the ``aug_*``
+  columns, one file per part (input file number F, first row O), so a part's name is the same
+  in every run;
+- ``_rejects/`` the same names: rows that could not be augmented, unchanged, plus
+  ``reject_stage`` and ``reject_reason`` (file, row, column and cause);
+- ``_parts/<part>.json``: the part's counters, written last: a part is finished when its JSON
+  exists, which is what a re-run skips;
+- ``manifest.json``: config, engines and model ids, counts, timings; ``config.yaml`` the
+  resolved config.
+
+Why a part is the unit of Ray scheduling: a part is processed in fixed engine batches whatever
+the cluster does, so its rows (even batched greedy generations) are identical in a resumed run,
+a run on another cluster size, and the plain loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from moon2 import progress
+from moon2.augment.config import AugmentConfig
+from moon2.augment.stages import (
+    AUG_NAMES,
+    REJECT,
+    STAGE,
+    ImageStage,
+    PartSpec,
+    PartStats,
+    TextStage,
+    finish_part,
+    from_ipc,
+    prepare_part,
+    provenance,
+)
+from moon2.data.io import open_parquet, resolve_files, write_table
+from moon2.data.schema import PRODUCTS, check_columns, rejects_schema
+from moon2.errors import ConfigError, InputError
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class AugmentResult:
+    out_dir: Path
+    rows_in: int
+    rows_out: int
+    rows_rejected: int
+    parts: int
+    parts_skipped: int
+    seconds: float
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def part_key(file_index: int, offset: int) -> str:
+    return f"part-{file_index:05d}-{offset:012d}"
+
+
+def plan_parts(files: list[Path], rows_per_part: int, limit: int | None) -> list[PartSpec]:
+    """Cut the input into parts of ``rows_per_part`` rows (the first ``limit`` rows only)."""
+    specs: list[PartSpec] = []
+    remaining = limit
+    for index, file in enumerate(files):
+        reader = open_parquet(file)
+        check_columns(reader.schema_arrow, PRODUCTS, str(file))
+        rows = reader.metadata.num_rows
+        if remaining is not None:
+            rows = min(rows, remaining)
+            remaining -= rows
+        for offset in range(0, rows, rows_per_part):
+            length = min(rows_per_part, rows - offset)
+            specs.append(PartSpec(part_key(index, offset), str(file), index, offset, length))
+        if remaining == 0:
+            break
+    return specs
+
+
+def _fingerprint(files: list[Path]) -> list[list[Any]]:
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _check_plan(out: Path, plan: dict[str, Any], resume: bool) -> None:
+    """Start over (no resume) or make sure the finished parts belong to this very job."""
+    parts_dir = out / "_parts"
+    plan_path = parts_dir / PLAN_FILE
+    if not resume:
+        for name in ("products", "_rejects", "_parts"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    elif plan_path.exists():
+        previous = json.loads(plan_path.read_text())
+        if previous != plan:
+            changed = [k for k in plan if previous.get(k) != plan[k]]
+            raise ConfigError(
+                f"{out} holds an augment run with a different {', '.join(changed)}; re-run "
+                "with --no-resume to start over, or choose another OUT"
+            )
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    plan_path.write_text(json.dumps(plan, indent=1, sort_keys=True))
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def write_part(out: Path, record: dict[str, Any]) -> PartStats:
+    """Write a finished part: kept rows, rejects, then the counters (the completion mark)."""
+    key = record["key"]
+    table = from_ipc(record["table"])
+    stats = PartStats.from_json(record["stats"])
+    reasons = table.column(REJECT)
+    kept = table.filter(reasons.is_null()).drop_columns([REJECT])
+    rejected = table.filter(reasons.is_valid())
+    if kept.num_rows:
+        write_table(kept, out / "products" / f"{key}.parquet")
+    if rejected.num_rows:
+        original = rejected.drop_columns(
+            [REJECT, *[n for n in AUG_NAMES if n in rejected.column_names]]
+        )
+        columns = {n: original.column(n) for n in original.column_names}
+        columns["reject_stage"] = pa.array([STAGE] * rejected.num_rows, pa.string())
+        columns["reject_reason"] = rejected.column(REJECT)
+        table_out = pa.table(columns, schema=rejects_schema(original.schema))
+        write_table(table_out, out / "_rejects" / f"{key}.parquet")
+    summary = json.loads(stats.to_json())
+    summary.update(rows_out=kept.num_rows, rows_rejected=rejected.num_rows)
+    if kept.num_rows + rejected.num_rows != stats.rows_in:
+        raise InputError(
+            f"part {key}: {stats.rows_in} rows in but {kept.num_rows} out + "
+            f"{rejected.num_rows} rejected"
+        )
+    final = out / "_parts" / f"{key}.json"
+    temp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    temp.write_text(json.dumps(summary, sort_keys=True))
+    os.replace(temp, final)
+    return stats
+
+
+# --- runners ---------------------------------------------------------------------------------
+
+
+def run_local(specs: list[PartSpec], config: AugmentConfig) -> Iterator[dict[str, Any]]:
+    """The stages in a plain Python loop, one part after another (baseline and debugging)."""
+    text = TextStage(config)
+    image = ImageStage(config)
+    stamp = provenance(config)
+    for spec in specs:
+        yield finish_part(image(text(prepare_part(spec, config))), stamp)
+
+
+def _prepare_record(row: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    spec = PartSpec(**{k: row[k] for k in ("key", "file", "file_index", "offset", "length")})
+    return prepare_part(spec, AugmentConfig.model_validate(config))
+
+
+def _text_rule_task(row: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    return TextStage(config)(row)  # engine none: the deterministic rewrite, no model
+
+
+def _image_task(row: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    parsed = AugmentConfig.model_validate(config)
+    return finish_part(ImageStage(parsed)(row), provenance(parsed))
+
+
+class _ImageActor:
+    """The image stage holding a model (diffusers, open_clip) for the actor's lifetime."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = AugmentConfig.model_validate(config)
+        self.stage = ImageStage(self.config)
+        self.stamp = provenance(self.config)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        return finish_part(self.stage(row), self.stamp)
+
+
+def init_ray(address: str | None, config: AugmentConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=config.ray.num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+
+
+def run_ray(
+    specs: list[PartSpec], config: AugmentConfig, address: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """The stages as a streaming Ray Data job: reading and image edits with the classic engine
+    are tasks; each model stage is an actor pool with the config's CPUs / GPUs."""
+    import ray.data
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    init_ray(address, config)
+    # Ray Data logs every execution plan at INFO on the console; moon2 shows its own progress
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # moon2 shows one bar of its own
+    context.execution_options.preserve_order = False
+    r = config.ray
+    payload = config.model_dump(mode="json")
+    dataset = ray.data.from_items([asdict(s) for s in specs], override_num_blocks=len(specs))
+    dataset = dataset.map(_prepare_record, fn_kwargs={"config": payload}, num_cpus=1)
+    if config.text.engine != "none":
+        dataset = dataset.map(
+            TextStage,
+            fn_constructor_kwargs={"config": payload},
+            compute=ActorPoolStrategy(size=r.text_actors),
+            num_cpus=r.text_num_cpus,
+            num_gpus=r.text_num_gpus or None,
+        )
+    else:
+        dataset = dataset.map(_text_rule_task, fn_kwargs={"config": payload}, num_cpus=1)
+    model_images = config.images.engine == "diffusers" or (
+        config.images.consistency.scorer == "openclip"
+        or (
+            config.images.consistency.scorer == "auto"
+            and config.images.consistency.openclip_pretrained
+        )
+    )
+    if model_images:
+        dataset = dataset.map(
+            _ImageActor,
+            fn_constructor_kwargs={"config": payload},
+            compute=ActorPoolStrategy(size=r.image_workers),
+            num_cpus=r.image_num_cpus,
+            num_gpus=r.image_num_gpus or None,
+        )
+    else:
+        dataset = dataset.map(
+            _image_task,
+            fn_kwargs={"config": payload},
+            compute=TaskPoolStrategy(size=r.image_workers),
+            num_cpus=r.image_num_cpus,
+        )
+    yield from dataset.iter_rows()
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+
+def _summed(out: Path, specs: list[PartSpec]) -> dict[str, Any]:
+    totals: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "rows_rejected": 0}
+    counters = {k: Counter() for k in ("rejected", "title_sources", "gate_failures", "seconds")}
+    images = Counter()
+    for spec in specs:
+        data = json.loads((out / "_parts" / f"{spec.key}.json").read_text())
+        for key in totals:
+            totals[key] += data[key]
+        for key, counter in counters.items():
+            counter.update(data[key])
+        images.update(
+            {
+                k: data[k]
+                for k in ("images_kept", "images_dropped", "image_retries", "clean_dropped")
+            }
+        )
+    return {
+        **totals,
+        "reject_reasons": dict(counters["rejected"].most_common()),
+        "title_sources": dict(counters["title_sources"]),
+        "gate_failures_first_attempt": dict(counters["gate_failures"].most_common()),
+        "images": dict(images),
+        "stage_seconds": {k: round(v, 2) for k, v in counters["seconds"].items()},
+    }
+
+
+def augment(
+    input_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: AugmentConfig | None = None,
+    address: str | None = None,
+    limit: int | None = None,
+    resume: bool = True,
+    use_ray: bool = True,
+    on_part: Callable[[PartStats], None] | None = None,
+) -> AugmentResult:
+    """Augment the products at ``input_path`` (file, directory or glob) into ``out_dir``."""
+    config = config or AugmentConfig()
+    started = time.perf_counter()
+    files = resolve_files(input_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = plan_parts(files, config.rows_per_part, limit)
+    plan = {
+        "config": config.model_dump(mode="json"),
+        "inputs": _fingerprint(files),
+        "limit": limit,
+    }
+    _check_plan(out, plan, resume)
+    config.to_yaml(out / "config.yaml", "moon2 augment: the resolved config of this run")
+    done = {p.stem for p in (out / "_parts").glob("part-*.json")}
+    todo = [s for s in specs if s.key not in done]
+    total_rows = sum(s.length for s in specs)
+    done_rows = total_rows - sum(s.length for s in todo)
+    if done:
+        progress.info(f"resuming: {len(specs) - len(todo)} of {len(specs)} parts already done")
+    records: Iterable[dict[str, Any]] = []
+    if todo:
+        records = run_ray(todo, config, address) if use_ray else run_local(todo, config)
+    with progress.task("augmenting rows", total_rows, unit="rows") as bar:
+        bar.advance(done_rows)
+        for record in records:
+            stats = write_part(out, record)
+            bar.advance(stats.rows_in)
+            if on_part is not None:
+                on_part(stats)
+    summary = _summed(out, specs)
+    if summary["rows_in"] != summary["rows_out"] + summary["rows_rejected"]:
+        raise InputError(
+            f"accounting failed: {summary['rows_in']} rows in, {summary['rows_out']} out, "
+            f"{summary['rows_rejected']} rejected"
+        )
+    seconds = time.perf_counter() - started
+    manifest = {
+        "stage": STAGE,
+        "input": [str(f) for f in files],
+        "engines": json.loads(provenance(config)),
+        "runner": "ray" if use_ray else "local",
+        "ray_address": address,
+        "limit": limit,
+        "parts": len(specs),
+        "parts_skipped": len(specs) - len(todo),
+        "seconds_this_run": round(seconds, 2),
+        **summary,
+        "config": config.model_dump(mode="json"),
+    }
+    temp = out / f".manifest.json.tmp-{os.getpid()}"
+    temp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    os.replace(temp, out / "manifest.json")
+    return AugmentResult(
+        out_dir=out,
+        rows_in=summary["rows_in"],
+        rows_out=summary["rows_out"],
+        rows_rejected=summary["rows_rejected"],
+        parts=len(specs),
+        parts_skipped=len(specs) - len(todo),
+        seconds=seconds,
+        manifest=manifest,
+    )
