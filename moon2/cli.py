@@ -324,15 +324,18 @@ def augment(
         str,
         typer.Argument(
             metavar="IN",
-            help="Products catalog: a Parquet file, a directory of parts, a glob, or a catalog "
-            "directory holding products/.",
+            help="Products: a Parquet file, a directory of parts, a glob, or a catalog "
+            "directory holding products/ (its queries/ are copied to OUT/queries/ unchanged, "
+            "so OUT can go straight to moon2 train).",
             show_default=False,
         ),
     ],
     out_dir: Annotated[
         Path,
         typer.Argument(
-            metavar="OUT", help="Gets products/, _rejects/, manifest.json.", show_default=False
+            metavar="OUT",
+            help="Gets products/, _rejects/, manifest.json (and queries/ for a catalog).",
+            show_default=False,
         ),
     ],
     config: Annotated[
@@ -368,11 +371,8 @@ def augment(
     from moon2.augment.pipeline import augment as run_augment
 
     cfg = AugmentConfig.from_yaml(config)
-    source = Path(input_path)
-    if source.is_dir() and (source / "products").is_dir():
-        source = source / "products"
     result = run_augment(
-        source, out_dir, cfg, address=address, limit=limit, resume=resume, use_ray=ray
+        input_path, out_dir, cfg, address=address, limit=limit, resume=resume, use_ray=ray
     )
     _print_augment_summary(result.manifest)
 

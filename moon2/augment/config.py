@@ -93,6 +93,11 @@ class GateConfig(Config):
         description="No word n-gram of this size may occur twice (2: no repeated word pair; "
         "a word repeated back to back also fails).",
     )
+    check_example_copies: bool = Field(
+        True,
+        description="Fail a title holding a word of the few-shot examples that the product's "
+        "own text and facts lack (small models copy the example's brand and size).",
+    )
     check_contradictions: bool = Field(
         True,
         description="Fail a title that names a colour / material / pattern the product does "

@@ -89,14 +89,70 @@ def source_text(row: dict[str, Any]) -> str:
     return " \n ".join(parts)
 
 
+COMMON_WORDS = frozenset(
+    [
+        "a",
+        "an",
+        "and",
+        "the",
+        "of",
+        "for",
+        "with",
+        "in",
+        "on",
+        "to",
+        "by",
+        "from",
+        "at",
+        "as",
+        "or",
+        "new",
+        "size",
+        "style",
+        "color",
+        "colour",
+        "material",
+        "pattern",
+        "brand",
+        "category",
+        "men",
+        "mens",
+        "men's",
+        "women",
+        "womens",
+        "women's",
+        "kids",
+        "unisex",
+    ]
+)
+"""Words a title may share with the few-shot examples without having copied them."""
+
+
+def split_words(text: str) -> list[str]:
+    """Words with numbers and units apart (``350ml`` -> ``350``, ``ml``)."""
+    return words(re.sub(r"(?<=\d)(?=[^\W\d])|(?<=[^\W\d])(?=\d)", " ", text))
+
+
+def example_words(examples: Sequence[Any]) -> frozenset[str]:
+    """Words of the few-shot examples (titles, facts, answers) a real title rarely needs."""
+    found: set[str] = set()
+    for example in examples:
+        for text in (example.title, example.entities, example.answer):
+            found.update(split_words(text))
+    return frozenset(found - COMMON_WORDS)
+
+
 def check_title(
     title: str,
     row: dict[str, Any],
     entities: Sequence[Entity],
     config: GateConfig,
     lexicon: Lexicon,
+    examples: frozenset[str] = frozenset(),
 ) -> list[str]:
-    """Reasons ``title`` fails the gate (empty when it passes)."""
+    """Reasons ``title`` fails the gate (empty when it passes). ``examples`` are the few-shot
+    examples' words (:func:`example_words`): one in the title that the product's own text and
+    facts lack was copied from an example (small models copy brands and sizes)."""
     if not title.strip():
         return ["empty"]
     reasons: list[str] = []
@@ -115,8 +171,13 @@ def check_title(
     for entity in entities:
         if entity.key in required and not keeps(title, entity, lexicon):
             reasons.append(f"drops_{entity.key}: {entity.value!r}")
+    own = source_text(row)
+    if examples:
+        known = set(split_words(own)) | {w for e in entities for w in split_words(e.value)}
+        copied = [w for w in dict.fromkeys(split_words(title)) if w in examples and w not in known]
+        if copied:
+            reasons.append(f"copies_example: {', '.join(copied[:3])!r}")
     if config.check_contradictions:
-        own = source_text(row)
         for key in TEXT_KEYS:
             extra = lexicon.families_of(key, title) - lexicon.families_of(key, own)
             for family in sorted(extra):

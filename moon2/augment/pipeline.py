@@ -258,6 +258,22 @@ def run_ray(
 # --- the job ---------------------------------------------------------------------------------
 
 
+def _copy_queries(source: Path, target: Path) -> int:
+    """Copy a catalog's query files unchanged (atomically; files already there with the same
+    size are kept), so the augmented catalog is complete."""
+    files = resolve_files(source)
+    target.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        final = target / file.relative_to(source)
+        if final.exists() and final.stat().st_size == file.stat().st_size:
+            continue
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        shutil.copyfile(file, temp)
+        os.replace(temp, final)
+    return len(files)
+
+
 def _summed(out: Path, specs: list[PartSpec]) -> dict[str, Any]:
     totals: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "rows_rejected": 0}
     counters = {k: Counter() for k in ("rejected", "title_sources", "gate_failures", "seconds")}
@@ -294,10 +310,17 @@ def augment(
     use_ray: bool = True,
     on_part: Callable[[PartStats], None] | None = None,
 ) -> AugmentResult:
-    """Augment the products at ``input_path`` (file, directory or glob) into ``out_dir``."""
+    """Augment the products at ``input_path`` (file, directory or glob, or a catalog directory
+    holding ``products/``) into ``out_dir``. A catalog's ``queries/`` is copied unchanged to
+    ``OUT/queries/``, so OUT is a catalog ``moon2 train`` takes as it is."""
     config = config or AugmentConfig()
     started = time.perf_counter()
-    files = resolve_files(input_path)
+    source = Path(input_path)
+    queries = None
+    if source.is_dir() and (source / "products").is_dir():
+        queries = source / "queries" if (source / "queries").is_dir() else None
+        source = source / "products"
+    files = resolve_files(source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = plan_parts(files, config.rows_per_part, limit)
@@ -324,6 +347,7 @@ def augment(
             bar.advance(stats.rows_in)
             if on_part is not None:
                 on_part(stats)
+    copied = _copy_queries(queries, out / "queries") if queries is not None else 0
     summary = _summed(out, specs)
     if summary["rows_in"] != summary["rows_out"] + summary["rows_rejected"]:
         raise InputError(
@@ -340,6 +364,7 @@ def augment(
         "limit": limit,
         "parts": len(specs),
         "parts_skipped": len(specs) - len(todo),
+        "queries_files_copied": copied,
         "seconds_this_run": round(seconds, 2),
         **summary,
         "config": config.model_dump(mode="json"),

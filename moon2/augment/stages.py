@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from moon2.augment.config import AugmentConfig
 from moon2.augment.consistency import ConsistencyScorer, load_scorer
 from moon2.augment.entities import Entity, Lexicon, extract_entities
-from moon2.augment.gate import check_title, fallback_title
+from moon2.augment.gate import check_title, example_words, fallback_title
 from moon2.augment.images import EditedImage, ImageEngine, ImageRequest, load_image_engine
 from moon2.augment.text import (
     TextEngine,
@@ -218,6 +218,11 @@ class TextStage:
         self.config = AugmentConfig.model_validate(config)
         self.engine: TextEngine | None = load_text_engine(self.config.text)
         self.lexicon = Lexicon(self.config.entities.extra_lexicon)
+        self.examples = (
+            example_words(self.config.text.few_shot)
+            if self.config.gate.check_example_copies
+            else frozenset()
+        )
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -329,7 +334,9 @@ class TextStage:
                     del pending[i]
                     continue
                 title = clean_completion(completions[i])
-                failures = check_title(title, rows[i], pending[i], self.config.gate, self.lexicon)
+                failures = check_title(
+                    title, rows[i], pending[i], self.config.gate, self.lexicon, self.examples
+                )
                 if not failures:
                     titles[i], sources[i] = title, "llm"
                     del pending[i]

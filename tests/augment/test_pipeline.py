@@ -189,3 +189,16 @@ def test_killed_ray_run_resumes_to_the_same_result(small_catalog: Path, tmp_path
         _augment_cli([source, str(tmp_path / "killed"), *common]), check=True, capture_output=True
     )
     assert read(tmp_path / "killed" / "products").equals(read(tmp_path / "loop" / "products"))
+
+
+def test_a_catalog_directory_becomes_a_trainable_catalog(
+    small_catalog: Path, tmp_path: Path
+) -> None:
+    result = augment(small_catalog, tmp_path / "out", fast_config(), limit=8, use_ray=False)
+    assert result.manifest["queries_files_copied"] >= 1
+    for original in sorted((small_catalog / "queries").glob("*.parquet")):
+        copy = tmp_path / "out" / "queries" / original.name
+        assert copy.read_bytes() == original.read_bytes()
+    assert read(tmp_path / "out" / "products").num_rows == 8
+    again = augment(small_catalog, tmp_path / "out", fast_config(), limit=8, use_ray=False)
+    assert again.parts_skipped == again.parts

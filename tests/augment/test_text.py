@@ -95,6 +95,25 @@ def test_gate_failures(gate_parts, title: str, reason: str) -> None:
     assert any(r.startswith(reason) for r in reasons), reasons
 
 
+def test_gate_catches_words_copied_from_the_examples(gate_parts) -> None:
+    from moon2.augment.gate import example_words
+
+    entities, config, lexicon = gate_parts
+    examples = example_words(TextConfig().few_shot)
+    assert "nordvik" in examples and "for" not in examples
+    other = {
+        **ROW,
+        "title": "Lumica blue striped ceramic mug",
+        "attributes": [{"key": "brand", "value": "Lumica"}, {"key": "color", "value": "blue"}],
+    }
+    found = entities_of(other)
+    copied = "Nordvik blue striped ceramic mug, 350 ml"
+    reasons = check_title(copied, other, found, config, lexicon, examples)
+    assert any(r.startswith("copies_example: 'nordvik, 350, ml'") for r in reasons), reasons
+    # the example's own product may say its own words
+    assert check_title(copied, ROW, entities, config, lexicon, examples) == []
+
+
 def test_repeated_ngram_and_singular() -> None:
     assert repeated_ngram("a b c a b", 2) == "a b"
     assert repeated_ngram("a b c d", 2) is None
