@@ -113,6 +113,21 @@ def edge_histogram(image: Image.Image, weights: np.ndarray) -> np.ndarray:
     return hist / max(hist.sum(), 1e-9)
 
 
+def product_histograms(
+    image: Image.Image, alpha: Image.Image | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The colour and edge-orientation histograms of the product's pixels."""
+    weights = _weights(image, alpha)
+    return colour_histogram(image, weights), edge_histogram(image, weights)
+
+
+def _similarity(new: tuple[np.ndarray, np.ndarray], old: tuple[np.ndarray, np.ndarray]) -> float:
+    colour = np.minimum(new[0], old[0]).sum()
+    # orientation histograms are compared up to a rotation of the product (a view may turn it)
+    edges = max(np.minimum(np.roll(new[1], s), old[1]).sum() for s in range(EDGE_BINS))
+    return float(0.7 * colour + 0.3 * edges)
+
+
 def histogram_similarity(
     image: Image.Image,
     original: Image.Image,
@@ -120,13 +135,9 @@ def histogram_similarity(
     original_alpha: Image.Image | None = None,
 ) -> float:
     """0.7 colour + 0.3 edge-orientation histogram intersection over product pixels."""
-    w_new = _weights(image, alpha)
-    w_old = _weights(original, original_alpha)
-    colour = np.minimum(colour_histogram(image, w_new), colour_histogram(original, w_old)).sum()
-    # orientation histograms are compared up to a rotation of the product (a view may turn it)
-    e_new, e_old = edge_histogram(image, w_new), edge_histogram(original, w_old)
-    edges = max(np.minimum(np.roll(e_new, s), e_old).sum() for s in range(EDGE_BINS))
-    return float(0.7 * colour + 0.3 * edges)
+    return _similarity(
+        product_histograms(image, alpha), product_histograms(original, original_alpha)
+    )
 
 
 class HistogramScorer(ConsistencyScorer):
@@ -135,8 +146,8 @@ class HistogramScorer(ConsistencyScorer):
     def score(
         self, images: Sequence[EditedImage], original: Image.Image, title: str
     ) -> list[float]:
-        original_alpha = product_matte(original)
-        return [histogram_similarity(e.image, original, e.alpha, original_alpha) for e in images]
+        reference = product_histograms(original)  # once per call, not once per image
+        return [_similarity(product_histograms(e.image, e.alpha), reference) for e in images]
 
 
 class OpenClipScorer(ConsistencyScorer):

@@ -273,8 +273,7 @@ class TransformersTextEngine(TextEngine):
             self.processor if self.processor is not None else self.tokenizer, requests
         )
 
-    def _encode(self, requests: Sequence[TextRequest]) -> dict[str, Any]:
-        prompts = self._prompts(requests)
+    def _encode(self, requests: Sequence[TextRequest], prompts: Sequence[str]) -> dict[str, Any]:
         if self.processor is not None:
             images = [r.image for r in requests if r.image is not None]
             self.processor.tokenizer.padding_side = "left"
@@ -311,17 +310,14 @@ class TransformersTextEngine(TextEngine):
             length += 1
         return length if length >= MIN_SHARED_PREFIX else 0
 
-    def _encode_with_prefix(self, requests: Sequence[TextRequest]) -> tuple[dict, Any] | None:
+    def _encode_with_prefix(self, prompts: Sequence[str]) -> tuple[dict, Any] | None:
         """Inputs whose rows are (shared prefix, pads, own suffix) and a key/value cache of the
         prefix for every row; None when there is no prefix worth caching. Position ids follow
         the attention mask, so the pads in the middle change nothing."""
         if self.processor is not None or not self.config.prefix_cache:
             return None
         torch = self._torch
-        ids = [
-            self.tokenizer(p, add_special_tokens=False)["input_ids"]
-            for p in self._prompts(requests)
-        ]
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         length = self._shared_prefix(ids)
         if not length:
             return None
@@ -352,9 +348,10 @@ class TransformersTextEngine(TextEngine):
 
     def _generate_batch(self, requests: Sequence[TextRequest], sample: bool) -> list[str]:
         torch = self._torch
-        with_prefix = self._encode_with_prefix(requests)
+        prompts = self._prompts(requests)
+        with_prefix = self._encode_with_prefix(prompts)
         if with_prefix is None:
-            encoded, cache = self._encode(requests), None
+            encoded, cache = self._encode(requests, prompts), None
         else:
             encoded, cache = with_prefix
         kwargs: dict[str, Any] = {
