@@ -5,7 +5,9 @@
    batched without the prefix cache is reported too;
 2. the Ray Data pipeline vs a plain Python loop over the same engines, one image worker:
    wall time for the same rows (Ray started beforehand, as on a running cluster);
-3. two classic image workers vs one on Ray: rows/s.
+3. two classic image workers vs one on Ray: rows/s, next to the machine's own ceiling for
+   the same work: two plain loops in two processes at once (each over half the rows) vs one
+   loop over all of them.
 
     python perf/bench_augment.py               # ~6 minutes on 2 cores
     python perf/bench_augment.py --quick       # a smoke run
@@ -99,7 +101,7 @@ def bench_generation(rows: int, batch_size: int, max_new_tokens: int) -> dict[st
     return result
 
 
-def _timed(source: Path, config: AugmentConfig, rows: int, use_ray: bool) -> float:
+def _timed(source: Path, config: AugmentConfig, rows: int | None, use_ray: bool) -> float:
     out = Path(tempfile.mkdtemp(prefix="moon2-bench-aug-"))
     try:
         started = time.perf_counter()
@@ -109,12 +111,39 @@ def _timed(source: Path, config: AugmentConfig, rows: int, use_ray: bool) -> flo
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _halves(source: Path, rows: int, root: Path) -> list[Path]:
+    """The first ``rows`` rows split into two catalogs of half the rows each."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted(source.glob("*.parquet"))).slice(0, rows)
+    halves = []
+    for number, (offset, length) in enumerate(((0, rows // 2), (rows // 2, rows - rows // 2))):
+        half = root / f"half-{number}"
+        half.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table.slice(offset, length), half / "part.parquet")
+        halves.append(half)
+    return halves
+
+
+def _two_loops(halves: list[Path], config: AugmentConfig) -> float:
+    """Wall time of two plain loops running at once in two processes, half the rows each."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2, initializer=progress.set_quiet, initargs=(True,)) as pool:
+        pool.map(time.sleep, [0.5, 0.5])  # both workers up before the clock starts
+        started = time.perf_counter()
+        pool.starmap(_timed, [(half, config, None, False) for half in halves])
+        return time.perf_counter() - started
+
+
 def bench_pipeline(rows: int, image_size: int, repeats: int) -> dict[str, Any]:
     import ray
 
     root = Path(tempfile.mkdtemp(prefix="moon2-bench-cat-"))
     try:
         source = make_catalog(root, rows, image_size)
+        halves = _halves(source, rows, root / "halves")
         config = AugmentConfig(rows_per_part=16)
         config.text.engine = "none"  # the image engine is the work; titles by the rule rewrite
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -123,15 +152,16 @@ def bench_pipeline(rows: int, image_size: int, repeats: int) -> dict[str, Any]:
         two = config.model_copy(deep=True)
         two.ray.image_workers = 2
         _timed(source, one, min(rows, 32), True)  # warm Ray workers
-        loop_s, ray1_s, ray2_s = [], [], []
-        for _ in range(repeats):  # interleaved, so load changes hit all three alike
+        loop_s, ray1_s, ray2_s, pair_s = [], [], [], []
+        for _ in range(repeats):  # interleaved, so load changes hit all four alike
             loop_s.append(_timed(source, one, rows, False))
             ray1_s.append(_timed(source, one, rows, True))
             ray2_s.append(_timed(source, two, rows, True))
+            pair_s.append(_two_loops(halves, one))
         ray.shutdown()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    loop, ray1, ray2 = min(loop_s), min(ray1_s), min(ray2_s)
+    loop, ray1, ray2, pair = min(loop_s), min(ray1_s), min(ray2_s), min(pair_s)
     return {
         "rows": rows,
         "image_size": image_size,
@@ -140,6 +170,8 @@ def bench_pipeline(rows: int, image_size: int, repeats: int) -> dict[str, Any]:
         "ray_2_workers_rows_s": rows / ray2,
         "ray_overhead_vs_loop": ray1 / loop - 1,
         "two_vs_one_worker": ray1 / ray2,
+        "two_loops_rows_s": rows / pair,
+        "machine_two_process_ceiling": loop / pair,
     }
 
 
@@ -179,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         f"pipeline, {p['rows']} rows at {p['image_size']} px (classic engine): loop "
         f"{p['loop_rows_s']:.2f} rows/s, Ray 1 worker {p['ray_1_worker_rows_s']:.2f} rows/s "
         f"(overhead {100 * p['ray_overhead_vs_loop']:+.1f}%), Ray 2 workers "
-        f"{p['ray_2_workers_rows_s']:.2f} rows/s ({p['two_vs_one_worker']:.2f}x of 1 worker)"
+        f"{p['ray_2_workers_rows_s']:.2f} rows/s ({p['two_vs_one_worker']:.2f}x of 1 worker); "
+        f"two plain loops in two processes {p['two_loops_rows_s']:.2f} rows/s "
+        f"({p['machine_two_process_ceiling']:.2f}x of one loop: this machine's ceiling)"
     )
     return _finish(results, args.json)
 

@@ -145,6 +145,27 @@ def test_processor_pixel_budget_is_applied() -> None:
     assert grids == [[[1, 4, 4]], [[1, 8, 8]]]  # 14-pixel patches
 
 
+def test_vision_patch_and_merge_knobs_shape_the_image_tokens() -> None:
+    from PIL import Image
+
+    config = tiny_config(
+        model={
+            **TINY["model"],
+            "tiny": {**TINY["model"]["tiny"], "vision_patch": 7, "spatial_merge": 4},
+            "image_max_pixels": 112 * 112,
+        }
+    ).model
+    backbone, processor = build_backbone(config, seed=0)
+    assert backbone.config.vision_config.patch_size == 7
+    image = Image.new("RGB", (112, 112), (10, 200, 10))
+    inputs = build_inputs(processor, [EncodeItem(images=[image])], 24)
+    assert inputs["image_grid_thw"].tolist() == [[1, 16, 16]]  # 7-pixel patches
+    image_token = backbone.config.image_token_id
+    assert int((inputs["input_ids"] == image_token).sum()) == 16  # 4 x 4 merged per token
+    model = Moon2Model(backbone, config, tiny_config().moe)
+    assert model.encode(inputs).embeddings.shape == (1, 32)
+
+
 def test_inputs_carry_each_rows_modality_and_centring_uses_it() -> None:
     from moon2.train.inputs import MODALITY_KEY
 

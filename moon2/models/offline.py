@@ -169,7 +169,9 @@ def smollm2_token_embeddings(dim: int) -> Any:
     return reduced
 
 
-def tiny_qwen2vl_processor(tokenizer_dir: Path | None = None) -> Any:
+def tiny_qwen2vl_processor(
+    tokenizer_dir: Path | None = None, patch_size: int = 14, merge_size: int = 2
+) -> Any:
     """A Qwen2-VL processor built offline: SmolLM2's tokenizer + the vision special tokens."""
     from transformers import (
         AutoTokenizer,
@@ -183,7 +185,7 @@ def tiny_qwen2vl_processor(tokenizer_dir: Path | None = None) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     image_processor = Qwen2VLImageProcessor(
-        min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14, merge_size=2
+        min_pixels=56 * 56, max_pixels=224 * 224, patch_size=patch_size, merge_size=merge_size
     )
     return Qwen2VLProcessor(
         image_processor=image_processor,
@@ -200,6 +202,8 @@ def tiny_qwen2vl_config(
     layers: int = 2,
     vision_depth: int = 2,
     vision_width: int = 64,
+    vision_patch: int = 14,
+    spatial_merge: int = 2,
 ) -> Any:
     """A few-million-parameter Qwen2-VL config (random init is the CPU default backbone)."""
     from transformers import Qwen2VLConfig
@@ -228,8 +232,8 @@ def tiny_qwen2vl_config(
             "hidden_size": hidden_size,
             "num_heads": max(4, vision_width // 32),
             "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
+            "patch_size": vision_patch,
+            "spatial_merge_size": spatial_merge,
             "in_chans": 3,
             "temporal_patch_size": 2,
         },

@@ -24,6 +24,17 @@ class TinyBackboneConfig(Config):
         multiple_of=32,
         description="Vision transformer width (attention heads: max(4, width / 32)).",
     )
+    vision_patch: int = Field(
+        14,
+        ge=2,
+        description="Pixel side of one vision patch (Qwen2-VL: 14). Smaller patches give the "
+        "vision tower a finer grid at the same resolution, at the cost of more tokens.",
+    )
+    spatial_merge: int = Field(
+        2,
+        ge=1,
+        description="Patches merged per side into one decoder token (Qwen2-VL: 2).",
+    )
     init_token_embeddings: Literal["smollm2", "random"] = Field(
         "smollm2",
         description="smollm2: token embeddings start as a PCA of SmolLM2-135M's (same "
@@ -79,7 +90,10 @@ class ModelConfig(Config):
     max_text_tokens: int = Field(48, ge=8, description="Text truncation (tokens).")
     image_min_pixels: int = Field(56 * 56, ge=28 * 28, description="Processor min_pixels.")
     image_max_pixels: int = Field(
-        112 * 112, ge=28 * 28, description="Processor max_pixels (14-pixel patches)."
+        112 * 112,
+        ge=28 * 28,
+        description="Processor max_pixels: the image is resized to fit; decoder tokens per "
+        "image = pixels / (patch * merge)^2.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -303,7 +303,9 @@ def build_backbone(config: ModelConfig, seed: int) -> tuple[nn.Module, Any]:
                 tiny_qwen2vl_processor,
             )
 
-            processor = tiny_qwen2vl_processor()
+            processor = tiny_qwen2vl_processor(
+                patch_size=config.tiny.vision_patch, merge_size=config.tiny.spatial_merge
+            )
             tokenizer = processor.tokenizer
             special = dict(
                 zip(
@@ -320,6 +322,8 @@ def build_backbone(config: ModelConfig, seed: int) -> tuple[nn.Module, Any]:
                 config.tiny.layers,
                 config.tiny.vision_depth,
                 config.tiny.vision_width,
+                config.tiny.vision_patch,
+                config.tiny.spatial_merge,
             )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

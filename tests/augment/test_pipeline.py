@@ -150,17 +150,33 @@ def test_killed_run_resumes_to_the_same_result(small_catalog: Path, tmp_path: Pa
     assert not list((tmp_path / "killed").rglob(".*tmp-*"))
 
 
-def test_ray_pipeline_equals_the_plain_loop(small_catalog: Path, tmp_path: Path) -> None:
+def test_ray_pipeline_equals_the_plain_loop(
+    small_catalog: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Both Ray graphs: one fused CPU task per part (rule titles, classic images) and the
+    staged one (reading task -> text model actor pool -> image tasks)."""
     ray = pytest.importorskip("ray")
     source = small_catalog / "products"
-    loop = augment(source, tmp_path / "loop", fast_config(), limit=50, use_ray=False)
+    with_model = fast_config()
+    with_model.text.engine = "transformers"
+    with_model.text.model = str(tiny_llama)
+    with_model.text.max_new_tokens = 6
+    with_model.text.batch_size = 4
+    cases = {"fused": (fast_config(), 50), "staged": (with_model, 12)}
     try:
-        on_ray = augment(source, tmp_path / "ray", fast_config(), limit=50)
+        for name, (config, rows) in cases.items():
+            loop = augment(source, tmp_path / f"{name}-loop", config, limit=rows, use_ray=False)
+            on_ray = augment(source, tmp_path / f"{name}-ray", config, limit=rows)
+            assert (on_ray.rows_in, on_ray.rows_out) == (loop.rows_in, loop.rows_out)
+            assert on_ray.rows_out == rows
+            assert read(tmp_path / f"{name}-ray" / "products").equals(
+                read(tmp_path / f"{name}-loop" / "products")
+            )
+            assert on_ray.manifest["runner"] == "ray"
     finally:
         ray.shutdown()
-    assert (on_ray.rows_in, on_ray.rows_out) == (loop.rows_in, loop.rows_out) == (50, 50)
-    assert read(tmp_path / "ray" / "products").equals(read(tmp_path / "loop" / "products"))
-    assert on_ray.manifest["runner"] == "ray"
+    staged = read(tmp_path / "staged-ray" / "products")
+    assert set(staged.column("aug_title_source").to_pylist()) <= {"llm", "fallback"}
 
 
 @pytest.mark.slow
