@@ -257,6 +257,12 @@ class ConsistencyConfig(Config):
         2, ge=0, description="Regeneration rounds (new seeds) for dropped variants, per row."
     )
 
+    def scorer_kind(self) -> Literal["openclip", "histogram"]:
+        """The scorer that runs (``auto`` resolved: openclip when a checkpoint is set)."""
+        if self.scorer == "auto":
+            return "openclip" if self.openclip_pretrained else "histogram"
+        return self.scorer
+
 
 class ImageConfig(Config):
     """Visual expansion: stage 1 cleans the main image, stage 2 makes varied views of it."""

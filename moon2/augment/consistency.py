@@ -202,10 +202,7 @@ class OpenClipScorer(ConsistencyScorer):
 
 def load_scorer(config: ConsistencyConfig, device: str = "cpu") -> ConsistencyScorer:
     """The scorer ``config.scorer`` names (``auto``: openclip when a checkpoint is set)."""
-    kind = config.scorer
-    if kind == "auto":
-        kind = "openclip" if config.openclip_pretrained else "histogram"
-    if kind == "histogram":
+    if config.scorer_kind() == "histogram":
         if config.reference == "title" and config.scorer == "histogram":
             raise ConfigError(
                 "consistency.reference 'title' needs an open_clip model; the histogram scorer "

@@ -233,23 +233,13 @@ def run_ray(
     r = config.ray
     payload = config.model_dump(mode="json")
     dataset = ray.data.from_items([asdict(s) for s in specs], override_num_blocks=len(specs))
-    model_images = config.images.engine == "diffusers" or (
-        config.images.consistency.scorer == "openclip"
-        or (
-            config.images.consistency.scorer == "auto"
-            and config.images.consistency.openclip_pretrained
-        )
+    model_images = (
+        config.images.engine == "diffusers" or config.images.consistency.scorer_kind() == "openclip"
     )
-    if config.text.engine == "none" and not model_images:
-        dataset = dataset.map(
-            _cpu_part_task,
-            fn_kwargs={"config": payload},
-            compute=TaskPoolStrategy(size=r.image_workers),
-            num_cpus=r.image_num_cpus,
-        )
-        yield from dataset.iter_rows()
-        return
-    dataset = dataset.map(_prepare_record, fn_kwargs={"config": payload}, num_cpus=1)
+    # without any model stage a part is one task, reading to finished record
+    whole_part = config.text.engine == "none" and not model_images
+    if not whole_part:
+        dataset = dataset.map(_prepare_record, fn_kwargs={"config": payload}, num_cpus=1)
     if config.text.engine != "none":
         dataset = dataset.map(
             TextStage,
@@ -268,7 +258,7 @@ def run_ray(
         )
     else:
         dataset = dataset.map(
-            _image_task,
+            _cpu_part_task if whole_part else _image_task,
             fn_kwargs={"config": payload},
             compute=TaskPoolStrategy(size=r.image_workers),
             num_cpus=r.image_num_cpus,

@@ -456,9 +456,7 @@ class ImageStage:
 def provenance(config: AugmentConfig) -> str:
     """What made a row's aug columns (engines and model ids), as JSON."""
     text, images = config.text, config.images
-    scorer = images.consistency.scorer
-    if scorer == "auto":
-        scorer = "openclip" if images.consistency.openclip_pretrained else "histogram"
+    scorer = images.consistency.scorer_kind()
     if scorer == "openclip":
         scorer = (
             f"openclip:{images.consistency.openclip_model}:{images.consistency.openclip_pretrained}"
