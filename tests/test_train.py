@@ -544,3 +544,26 @@ def test_backbone_from_a_local_directory(small_catalog: Path, tmp_path: Path) ->
     train(small_catalog, tmp_path / "run", config)
     encoder = load_model(tmp_path / "run" / "final", device="cpu")
     assert encoder.encode(_items()).shape == (3, 32)
+
+
+def test_view_background_reaches_every_random_view(
+    small_catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moon2.train.data as data_module
+    from moon2.train.config import DataConfig
+
+    products, queries = data_module.prepare_stores(small_catalog, tmp_path / "cache")
+    index = data_module.build_index(products, queries)
+    seen: list[float] = []
+
+    def recording_view(image, rng, **kwargs):
+        seen.append(kwargs["background_probability"])
+        return image
+
+    monkeypatch.setattr(data_module, "random_view", recording_view)
+    config = DataConfig(view_augmentation="all", view_background=0.0)
+    dataset = data_module.TripletDataset(products, queries, index, config, 0)
+    for position in range(len(index.query_rows)):
+        dataset[position]
+    assert seen and set(seen) == {0.0}
+    assert DataConfig().view_background == 0.5

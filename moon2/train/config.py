@@ -182,6 +182,13 @@ class DataConfig(Config):
         "colour change): of catalog images (candidates and the intra image), of those and query "
         "photos (all), or none (default: at the tiny-cpu budget it slowed learning).",
     )
+    view_background: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Chance that a random view puts a new background behind a plain-background "
+        "photo (0: geometry, light and focus change only).",
+    )
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes.")
 
 

@@ -224,8 +224,8 @@ class TripletDataset(torch.utils.data.Dataset):
         main = images[0] if images and record.get("images") else None
         intra_image = self._intra_image(record, main)
         if rng is not None:
-            images = [random_view(image, rng) for image in images]
-            intra_image = None if intra_image is None else random_view(intra_image, rng)
+            images = [self._view(image, rng) for image in images]
+            intra_image = None if intra_image is None else self._view(intra_image, rng)
         return {
             "product_id": record["product_id"],
             "text": text or None,
@@ -235,6 +235,9 @@ class TripletDataset(torch.utils.data.Dataset):
             "intra_image": intra_image,
             "images_failed": failed,
         }
+
+    def _view(self, image: Any, rng: random.Random) -> Any:
+        return random_view(image, rng, background_probability=self.config.view_background)
 
     def _intra_image(self, record: dict[str, Any], main: Any) -> Any:
         """The image the intra-product loss aligns with the title: the main one, or (``any``)
@@ -263,7 +266,7 @@ class TripletDataset(torch.utils.data.Dataset):
         if text:
             views["t2mm"] = EncodeItem(text=text)
         if image is not None and self.config.view_augmentation == "all":
-            image = random_view(image, self._rng(position, "query"))
+            image = self._view(image, self._rng(position, "query"))
         if image is not None:
             views["i2mm"] = EncodeItem(images=[image])
         if text and image is not None:
