@@ -215,12 +215,7 @@ class FilterConfig(Config):
 class OptimConfig(Config):
     """Optimisation."""
 
-    epochs: int = Field(
-        8,
-        ge=1,
-        description="Passes over the training queries (tiny-cpu: 8 passes over the 2,000-product "
-        "synthetic train split take ~8 minutes on 2 cores).",
-    )
+    epochs: int = Field(8, ge=1, description="Passes over the training queries.")
     batch_size: int = Field(16, ge=2, description="Queries per step per process.")
     grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
