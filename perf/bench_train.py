@@ -58,6 +58,7 @@ class Harness:
         from moon2.train.data import Collator, TripletDataset, build_index, prepare_stores
         from moon2.train.model import Moon2Model, build_backbone
         from moon2.train.objective import Objective
+        from moon2.train.trainer import make_optimizer
 
         torch.manual_seed(0)
         cache = Path(tempfile.mkdtemp(prefix="moon2-bench-cache-"))
@@ -69,7 +70,9 @@ class Harness:
             _widen_mlps(backbone, config)
         model = Moon2Model.with_processor(backbone, processor, config.model, config.moe)
         self.objective = Objective(model, config)
-        self.optimizer = torch.optim.AdamW(self.objective.parameters(), lr=1e-4)
+        self.optimizer = make_optimizer(
+            list(self.objective.parameters()), config.optim, torch.device("cpu")
+        )
         self.policy = FilterPolicy(config.filter)
         collator = Collator(
             processor,

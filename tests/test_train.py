@@ -129,6 +129,30 @@ def test_prefix_tokens_are_the_constant_template_opening() -> None:
     assert prefix == len(opening) > 0
 
 
+def test_texts_are_cut_on_their_own_tokens_and_stay_with_their_items() -> None:
+    from PIL import Image
+
+    from moon2.train.inputs import truncate_texts
+
+    _, processor = build_backbone(tiny_config().model, seed=0)
+    tokenizer = processor.tokenizer
+    long = "wireless noise cancelling over-ear headphones with a carrying case " * 4
+    short = "red tee"
+    cut = truncate_texts(tokenizer, [long, short], 8)
+    assert cut[1] == short
+    assert len(tokenizer(cut[0], add_special_tokens=False)["input_ids"]) == 8
+    assert long.startswith(cut[0])
+    image = Image.new("RGB", (56, 56), (0, 0, 200))
+    items = [EncodeItem(text=long), EncodeItem(images=[image]), EncodeItem(text=short)]
+    inputs = build_inputs(processor, items, 8)
+    rows = [
+        tokenizer.decode(ids[mask.bool()])
+        for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)
+    ]
+    assert cut[0] in rows[0] and "headphones" not in rows[0].split(cut[0])[1]
+    assert short in rows[2] and short not in rows[1]
+
+
 def test_processor_pixel_budget_is_applied() -> None:
     from PIL import Image
 
@@ -567,3 +591,97 @@ def test_view_background_reaches_every_random_view(
         dataset[position]
     assert seen and set(seen) == {0.0}
     assert DataConfig().view_background == 0.5
+
+
+def test_catalog_queries_are_the_positives_own_photos_seeded_per_epoch(
+    small_catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moon2.train.data as data_module
+    from moon2.data.images import decode_image
+    from moon2.train.config import DataConfig
+
+    products, queries = data_module.prepare_stores(small_catalog, tmp_path / "cache")
+    index = data_module.build_index(products, queries)
+    monkeypatch.setattr(data_module, "random_view", lambda image, rng, **kwargs: image)
+
+    def photos(row: int) -> list[bytes]:
+        cells = [c for c in products.row(row)["images"] or [] if c is not None]
+        return [decode_image(c).tobytes() for c in (cells[1:] or cells)]
+
+    off = data_module.TripletDataset(products, queries, index, DataConfig(catalog_queries=0.0), 0)
+    assert DataConfig().catalog_queries == 1.0
+    assert all("catalog_query" not in off[p] for p in range(len(off)))
+    dataset = data_module.TripletDataset(
+        products, queries, index, DataConfig(catalog_queries=1.0), 0
+    )
+    drawn: dict[int, list[bytes]] = {}
+    for epoch in (0, 1):
+        dataset.epoch = epoch
+        for position in range(len(dataset)):
+            sample = dataset[position]
+            choices = photos(int(index.positive_rows[position]))
+            if not choices:
+                assert "catalog_query" not in sample
+                continue
+            (image,) = sample["catalog_query"].images
+            assert image.tobytes() in choices  # a non-main photo whenever there is one
+            assert dataset[position]["catalog_query"].images[0].tobytes() == image.tobytes()
+            drawn.setdefault(position, []).append(image.tobytes())
+    assert any(len(set(pair)) == 2 for pair in drawn.values())  # a new draw each epoch
+    half = data_module.TripletDataset(products, queries, index, DataConfig(catalog_queries=0.5), 0)
+    share = np.mean(["catalog_query" in half[p] for p in range(len(half))])
+    assert 0.25 < share < 0.75
+
+
+def test_catalog_queries_join_the_i2mm_loss_but_not_the_filter_scores(
+    small_catalog: Path, tmp_path: Path
+) -> None:
+    from moon2.train.data import (
+        CATALOG_QUERIES,
+        Collator,
+        TripletDataset,
+        build_index,
+        prepare_stores,
+    )
+    from moon2.train.objective import Objective
+
+    config = tiny_config(data={"catalog_queries": 1.0})
+    products, queries = prepare_stores(small_catalog, tmp_path / "cache")
+    index = build_index(products, queries)
+    dataset = TripletDataset(products, queries, index, config.data, 0)
+    backbone, processor = build_backbone(config.model, seed=0)
+    model = Moon2Model.with_processor(backbone, processor, config.model, config.moe)
+    objective = Objective(model, config).eval()  # running centring: rows do not mix
+    collate = Collator(processor, config.model, intra=True)
+    samples = [dataset[p] for p in range(8)]
+    with_catalog = collate(samples)
+    assert CATALOG_QUERIES in with_catalog.groups and with_catalog.catalog_rows
+    without = collate([{k: v for k, v in s.items() if k != "catalog_query"} for s in samples])
+    assert CATALOG_QUERIES not in without.groups
+    policy = FilterPolicy(config.filter)
+    with torch.no_grad():
+        a = objective(with_catalog, 0.5, 0, policy)
+        b = objective(without, 0.5, 0, policy)
+    torch.testing.assert_close(a.sample_loss, b.sample_loss)
+    torch.testing.assert_close(a.margin, b.margin)
+    assert a.parts["loss_i2mm"] != pytest.approx(b.parts["loss_i2mm"])
+    assert a.parts["loss_t2mm"] == pytest.approx(b.parts["loss_t2mm"])
+
+
+def test_patchwise_conv_equals_the_patch_embedding_convolution() -> None:
+    from moon2.train.model import PatchwiseConv3d, use_patchwise_matmul
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(3, 16, kernel_size=(2, 14, 14), stride=(2, 14, 14), bias=False)
+    holder = torch.nn.Sequential(conv, torch.nn.Conv3d(3, 4, kernel_size=3))
+    patches = torch.randn(37, 3, 2, 14, 14)
+    expected = conv(patches)
+    assert use_patchwise_matmul(holder) == 1  # the overlapping 3x3x3 convolution is left alone
+    assert isinstance(holder[0], PatchwiseConv3d) and type(holder[1]) is torch.nn.Conv3d
+    torch.testing.assert_close(holder[0](patches), expected, rtol=1e-5, atol=1e-5)
+    video = torch.randn(2, 3, 4, 28, 28)  # more than one window: the convolution itself
+    torch.testing.assert_close(
+        holder[0](video), torch.nn.functional.conv3d(video, conv.weight, stride=(2, 14, 14))
+    )
+    backbone, _ = build_backbone(tiny_config().model, seed=0)
+    assert use_patchwise_matmul(backbone) == 1  # Qwen2-VL's PatchEmbed

@@ -192,13 +192,17 @@ class TripletDataset(torch.utils.data.Dataset):
         index: TripletIndex,
         config: DataConfig,
         seed: int,
+        intra_products: str = "all",
     ) -> None:
+        """``intra_products``: whose intra-product image a sample carries ("positives", "all",
+        or "none"), so no photo is decoded that the intra loss will not use."""
         self.products = products
         self.queries = queries
         self.index = index
         self.config = config
         self.seed = seed
         self.epoch = 0
+        self.intra_products = intra_products
         names = set(products.table.column_names)
         self.has_aug_title = config.use_augmented and "aug_title" in names
         self.has_aug_images = config.use_augmented and "aug_images" in names
@@ -209,8 +213,11 @@ class TripletDataset(torch.utils.data.Dataset):
     def _rng(self, position: int, role: str) -> random.Random:
         return random.Random(f"{self.seed}:{self.epoch}:{position}:{role}")
 
-    def product(self, row: int, rng: random.Random | None = None) -> dict[str, Any]:
-        """A candidate's inputs; with ``rng`` its images are random views (view_augmentation)."""
+    def product(
+        self, row: int, rng: random.Random | None = None, intra: bool = True
+    ) -> dict[str, Any]:
+        """A candidate's inputs; with ``rng`` its images are random views (view_augmentation);
+        ``intra=False`` skips the intra-product image (the intra loss will not use it)."""
         record = self.products.row(row)
         title = (record.get("title") or "").strip()
         text = title
@@ -222,7 +229,7 @@ class TripletDataset(torch.utils.data.Dataset):
             images += extra
             failed += more
         main = images[0] if images and record.get("images") else None
-        intra_image = self._intra_image(record, main)
+        intra_image = self._intra_image(record, main) if intra else None
         if rng is not None:
             images = [self._view(image, rng) for image in images]
             intra_image = None if intra_image is None else self._view(intra_image, rng)
@@ -238,6 +245,17 @@ class TripletDataset(torch.utils.data.Dataset):
 
     def _view(self, image: Any, rng: random.Random) -> Any:
         return random_view(image, rng, background_probability=self.config.view_background)
+
+    def _catalog_query(self, row: int, rng: random.Random) -> Any:
+        """An image query from product ``row``'s own photos (see ``catalog_queries``)."""
+        cells = [c for c in self.products.row(row).get("images") or [] if c is not None]
+        if not cells:
+            return None
+        try:
+            photo = decode_image(rng.choice(cells[1:] or cells))
+        except ImageDecodeError:
+            return None
+        return self._view(photo, rng)
 
     def _intra_image(self, record: dict[str, Any], main: Any) -> Any:
         """The image the intra-product loss aligns with the title: the main one, or (``any``)
@@ -272,10 +290,18 @@ class TripletDataset(torch.utils.data.Dataset):
         if text and image is not None:
             views["mm2mm"] = EncodeItem(text=text, images=[image])
         sample["views"] = views
+        positive = int(self.index.positive_rows[position])
+        if self.config.catalog_queries:
+            rng = self._rng(position, "catalog-query")
+            if rng.random() < self.config.catalog_queries:
+                photo = self._catalog_query(positive, rng)
+                if photo is not None:
+                    sample["catalog_query"] = EncodeItem(images=[photo])
         augment = self.config.view_augmentation != "none"
         sample["positive"] = self.product(
-            int(self.index.positive_rows[position]),
+            positive,
             self._rng(position, "positive") if augment else None,
+            intra=self.intra_products != "none",
         )
         negatives = self.index.negative_rows[position]
         if negatives and self.config.max_negatives:
@@ -285,13 +311,19 @@ class TripletDataset(torch.utils.data.Dataset):
         else:
             chosen = []
         sample["negatives"] = [
-            self.product(row, self._rng(position, f"negative-{k}") if augment else None)
+            self.product(
+                row,
+                self._rng(position, f"negative-{k}") if augment else None,
+                intra=self.intra_products == "all",
+            )
             for k, row in enumerate(chosen)
         ]
         return sample
 
 
-GROUPS: tuple[str, ...] = ("candidates", *VIEWS, "intra_image", "intra_text")
+CATALOG_QUERIES = "catalog_i2mm"
+"""Group of the image queries made from the positives' catalog photos (part of i2mm)."""
+GROUPS: tuple[str, ...] = ("candidates", *VIEWS, CATALOG_QUERIES, "intra_image", "intra_text")
 
 
 @dataclass
@@ -317,6 +349,8 @@ class Batch:
     intra_ids: list[str]
     rejected: list[tuple[str, str]]
     images_failed: int
+    catalog_rows: list[int] = field(default_factory=list)
+    """the samples (rows of ``positions``) with a catalog image query, in group order"""
 
     def to(self, device: torch.device) -> Batch:
         inputs = None if self.inputs is None else {k: v.to(device) for k, v in self.inputs.items()}
@@ -369,6 +403,9 @@ class Collator:
             if rows:
                 view_rows[view] = rows
                 items[view] = [samples[i]["views"][view] for i in rows]
+        catalog_rows = [i for i, s in enumerate(samples) if "catalog_query" in s]
+        if catalog_rows:
+            items[CATALOG_QUERIES] = [samples[i]["catalog_query"] for i in catalog_rows]
         intra_ids: list[str] = []
         if self.intra:
             pool = (
@@ -399,6 +436,7 @@ class Collator:
             intra_ids=intra_ids,
             rejected=rejected,
             images_failed=failed,
+            catalog_rows=catalog_rows,
         )
 
 

@@ -38,11 +38,15 @@ def _size_key(size: Any, key: str) -> bool:
     return value is not None
 
 
-def truncate_text(tokenizer: Any, text: str, max_tokens: int) -> str:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) <= max_tokens:
-        return text
-    return tokenizer.decode(ids[:max_tokens])
+def truncate_texts(tokenizer: Any, texts: list[str], max_tokens: int) -> list[str]:
+    """Each text cut to its first ``max_tokens`` tokens (one batched tokenizer call)."""
+    if not texts:
+        return []
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [
+        text if len(tokens) <= max_tokens else tokenizer.decode(tokens[:max_tokens])
+        for text, tokens in zip(texts, ids, strict=True)
+    ]
 
 
 MODALITY_KEY = "moon2_modality"
@@ -64,15 +68,15 @@ def build_inputs(
     plus each row's modality under :data:`MODALITY_KEY`."""
     prompts: list[str] = []
     images: list[Any] = []
+    texts = iter(
+        truncate_texts(
+            processor.tokenizer, [item.text for item in items if item.text], max_text_tokens
+        )
+    )
     for item in items:
         content: list[dict[str, Any]] = [{"type": "image"} for _ in item.images]
         if item.text:
-            content.append(
-                {
-                    "type": "text",
-                    "text": truncate_text(processor.tokenizer, item.text, max_text_tokens),
-                }
-            )
+            content.append({"type": "text", "text": next(texts)})
         prompts.append(
             processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
         )

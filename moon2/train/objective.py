@@ -14,7 +14,7 @@ from torch import nn
 
 from moon2.curate.dynamic import FilterPolicy
 from moon2.train.config import OBJECTIVES, TrainConfig
-from moon2.train.data import VIEWS, Batch, id_hash
+from moon2.train.data import CATALOG_QUERIES, VIEWS, Batch, id_hash
 from moon2.train.losses import (
     Temperature,
     gather_no_grad,
@@ -75,6 +75,18 @@ def _gather_padded(
     )
 
 
+@dataclass
+class _Candidates:
+    """The step's candidates across ranks (see :func:`_gather_padded`)."""
+
+    embeddings: torch.Tensor
+    ids: torch.Tensor
+    valid: torch.Tensor
+    positive_ids: torch.Tensor
+    """id hash of each local sample's positive"""
+    offset: int
+
+
 class Objective(nn.Module):
     """Model + temperatures + the expert x objective matrix; forward = the step's loss."""
 
@@ -107,29 +119,29 @@ class Objective(nn.Module):
         loss_sum = torch.zeros(n, device=device)
         margin_sum = torch.zeros(n, device=device)
         count = torch.zeros(n, device=device)
+        candidates_of = _Candidates(all_cand, all_ids, valid, positive_ids, offset)
         for view in VIEWS:
             if view not in batch.view_rows:
                 continue
             rows = batch.view_rows[view]
-            query = encoded[view]
-            rows_t = torch.tensor(rows, device=device)
-            positive_index = torch.tensor(
-                [offset + batch.positive_col[r] for r in rows], device=device
-            )
-            allowed = self._allowed(batch, rows, all_ids, valid, positive_ids[rows_t], offset)
-            loss_v, scores = inter_product_nce(
-                query.embeddings,
-                all_cand,
-                positive_index,
-                allowed,
-                temperature,
-                reduction="none",
+            loss_v, scores, positive_index, allowed = self._inter(
+                batch, rows, encoded[view].embeddings, candidates_of, temperature
             )
             margin_v = self._margins(batch, rows, scores, positive_index, allowed, offset)
             view_losses[view] = (rows, loss_v)
+            rows_t = torch.tensor(rows, device=device)
             loss_sum = loss_sum.index_add(0, rows_t, loss_v.detach())
             margin_sum = margin_sum.index_add(0, rows_t, margin_v.detach())
             count = count.index_add(0, rows_t, torch.ones_like(loss_v))
+        catalog_loss = None
+        if CATALOG_QUERIES in encoded:
+            catalog_loss, *_ = self._inter(
+                batch,
+                batch.catalog_rows,
+                encoded[CATALOG_QUERIES].embeddings,
+                candidates_of,
+                temperature,
+            )
         sample_loss = loss_sum / count.clamp_min(1)
         margin = margin_sum / count.clamp_min(1)
         phi, weight = policy.weights(margin, progress, epoch)
@@ -145,7 +157,13 @@ class Objective(nn.Module):
 
         terms: dict[str, torch.Tensor] = {}
         for view, (rows, loss_v) in view_losses.items():
-            terms[view] = weighted_mean(loss_v, weight[torch.tensor(rows, device=device)])
+            row_weights = weight[torch.tensor(rows, device=device)]
+            if view == "i2mm" and catalog_loss is not None:
+                loss_v = torch.cat([loss_v, catalog_loss])
+                row_weights = torch.cat([row_weights, torch.ones_like(catalog_loss)])
+            terms[view] = weighted_mean(loss_v, row_weights)
+        if catalog_loss is not None and "i2mm" not in terms:
+            terms["i2mm"] = catalog_loss.mean()
         if intra_loss is not None:
             terms["intra"] = intra_loss
         mode = self.config.moe.objective_weighting
@@ -182,6 +200,28 @@ class Objective(nn.Module):
             phi=phi,
             weight=weight,
         )
+
+    def _inter(
+        self,
+        batch: Batch,
+        rows: list[int],
+        queries: torch.Tensor,
+        candidates: _Candidates,
+        temperature: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row inter-product InfoNCE of ``queries`` (samples ``rows``) against the
+        candidates; with the scores, each row's positive column and allowed columns."""
+        device = queries.device
+        offset = candidates.offset
+        positive_index = torch.tensor(
+            [offset + batch.positive_col[r] for r in rows], device=device, dtype=torch.long
+        )
+        positive_ids = candidates.positive_ids[torch.tensor(rows, device=device)]
+        allowed = self._allowed(batch, rows, candidates.ids, candidates.valid, positive_ids, offset)
+        loss, scores = inter_product_nce(
+            queries, candidates.embeddings, positive_index, allowed, temperature, reduction="none"
+        )
+        return loss, scores, positive_index, allowed
 
     def _allowed(
         self,
@@ -236,6 +276,9 @@ class Objective(nn.Module):
         if self.mixer is None or self.config.moe.objective_weighting == "off":
             return {}
         gates = {view: encoded[view].gates for view in VIEWS if view in encoded}
+        if CATALOG_QUERIES in encoded and encoded[CATALOG_QUERIES].gates is not None:
+            catalog = encoded[CATALOG_QUERIES].gates
+            gates["i2mm"] = torch.cat([gates["i2mm"], catalog]) if "i2mm" in gates else catalog
         if "intra_image" in encoded:
             gates["intra"] = torch.cat([encoded["intra_image"].gates, encoded["intra_text"].gates])
         gates = {k: (v.detach() if detach_gates else v) for k, v in gates.items() if v is not None}
@@ -245,7 +288,7 @@ class Objective(nn.Module):
     def _usage(encoded: dict[str, Encoded]) -> dict[str, list[float]]:
         groups = {
             "text": ("t2mm", "intra_text"),
-            "image": ("i2mm", "intra_image"),
+            "image": ("i2mm", CATALOG_QUERIES, "intra_image"),
             "multimodal": ("mm2mm", "candidates"),
         }
         usage = {}

@@ -15,7 +15,7 @@ def recipes() -> dict[str, tuple[TrainConfig, str]]:
         "tiny-cpu": (
             tiny_cpu(),
             "moon2 train recipe: a tiny random-init Qwen2-VL on CPU (the default).\n"
-            "8 epochs on the train split of the 2,000-product synthetic catalog take 8-10 minutes\n"
+            "7 epochs on the train split of the 2,000-product synthetic catalog took 540-576 s\n"
             "on 2 CPU cores.\n"
             "Usage: moon2 train BENCH/train runs/tiny --config configs/train/tiny-cpu.yaml",
         ),

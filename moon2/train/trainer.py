@@ -39,7 +39,7 @@ from moon2.data.io import PartWriter
 from moon2.data.schema import rejects_schema
 from moon2.errors import InputError
 from moon2.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from moon2.train.config import TrainConfig
+from moon2.train.config import OptimConfig, TrainConfig
 from moon2.train.data import (
     Batch,
     Collator,
@@ -140,6 +140,22 @@ def _epoch_batches(
     return batches
 
 
+def make_optimizer(
+    parameters: list[torch.nn.Parameter], optim: OptimConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not biases, norms, temperatures)."""
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": optim.weight_decay},
+            {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=optim.lr,
+        # one fused kernel instead of a loop over tensors: on CPU the loop took 13% of the
+        # tiny model's update time, fused 2% (the 6.3M-parameter token embedding dominates)
+        fused=device.type in ("cpu", "cuda"),
+    )
+
+
 def _gather_objects(obj: Any) -> list[Any]:
     if not dist.is_initialized():
         return [obj]
@@ -217,7 +233,14 @@ def train(
             f"{data}: {len(index.query_rows)} usable queries, fewer than one global batch "
             f"({config.optim.batch_size} x {world} processes)"
         )
-    dataset = TripletDataset(products, queries, index, config.data, config.seed)
+    dataset = TripletDataset(
+        products,
+        queries,
+        index,
+        config.data,
+        config.seed,
+        intra_products=config.loss.intra_products if config.loss.intra else "none",
+    )
 
     backbone, processor = build_backbone(config.model, config.seed)
     model = Moon2Model.with_processor(backbone, processor, config.model, config.moe)
@@ -235,15 +258,7 @@ def train(
             find_unused_parameters=True,  # experts that no token chose in a step
         )
     parameters = [p for p in objective.parameters() if p.requires_grad]
-    decay = [p for p in parameters if p.ndim >= 2]
-    no_decay = [p for p in parameters if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.optim.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.optim.lr,
-    )
+    optimizer = make_optimizer(parameters, config.optim, device)
     steps_per_epoch = len(index.query_rows) // (config.optim.batch_size * world)
     updates_per_epoch = max(1, steps_per_epoch // config.optim.grad_accum)
     total_updates = updates_per_epoch * config.optim.epochs
