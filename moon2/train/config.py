@@ -199,7 +199,7 @@ class DataConfig(Config):
         "a shopper photographed. They join the i2mm loss with weight 1 and stay out of the "
         "dynamic filter's scores (they say nothing about the query's reliability). On the "
         "synthetic benchmark i2mm R@10 went from 34-35 (8 epochs without) to 42-48 (7 epochs "
-        "with, two seeds each). 0: the query log only.",
+        "with; two and three seeds). 0: the query log only.",
     )
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes.")
 
