@@ -182,6 +182,11 @@ def _unreadable_images(column: pa.ChunkedArray) -> dict[int, str]:
     return bad
 
 
+def _photo_cells(record: dict[str, Any]) -> list[Any]:
+    """A products row's image cells, without null entries."""
+    return [c for c in record.get("images") or [] if c is not None]
+
+
 class TripletDataset(torch.utils.data.Dataset):
     """Map-style dataset of (query views, positive, negatives) samples."""
 
@@ -214,11 +219,11 @@ class TripletDataset(torch.utils.data.Dataset):
         return random.Random(f"{self.seed}:{self.epoch}:{position}:{role}")
 
     def product(
-        self, row: int, rng: random.Random | None = None, intra: bool = True
+        self, record: dict[str, Any], rng: random.Random | None = None, intra: bool = True
     ) -> dict[str, Any]:
-        """A candidate's inputs; with ``rng`` its images are random views (view_augmentation);
-        ``intra=False`` skips the intra-product image (the intra loss will not use it)."""
-        record = self.products.row(row)
+        """A candidate's inputs from its products row; with ``rng`` its images are random views
+        (view_augmentation); ``intra=False`` skips the intra-product image (the intra loss will
+        not use it)."""
         title = (record.get("title") or "").strip()
         text = title
         if self.has_aug_title and record.get("aug_title"):
@@ -246,9 +251,9 @@ class TripletDataset(torch.utils.data.Dataset):
     def _view(self, image: Any, rng: random.Random) -> Any:
         return random_view(image, rng, background_probability=self.config.view_background)
 
-    def _catalog_query(self, row: int, rng: random.Random) -> Any:
-        """An image query from product ``row``'s own photos (see ``catalog_queries``)."""
-        cells = [c for c in self.products.row(row).get("images") or [] if c is not None]
+    def _catalog_query(self, record: dict[str, Any], rng: random.Random) -> Any:
+        """An image query from the product's own photos (see ``catalog_queries``)."""
+        cells = _photo_cells(record)
         if not cells:
             return None
         try:
@@ -260,7 +265,7 @@ class TripletDataset(torch.utils.data.Dataset):
     def _intra_image(self, record: dict[str, Any], main: Any) -> Any:
         """The image the intra-product loss aligns with the title: the main one, or (``any``)
         one of the product's images drawn per epoch, so alignment also sees its other views."""
-        cells = [c for c in record.get("images") or [] if c is not None]
+        cells = _photo_cells(record)
         if self.config.intra_image == "main" or len(cells) < 2:
             return main
         rng = random.Random(f"{self.seed}:{self.epoch}:{record['product_id']}")
@@ -290,7 +295,7 @@ class TripletDataset(torch.utils.data.Dataset):
         if text and image is not None:
             views["mm2mm"] = EncodeItem(text=text, images=[image])
         sample["views"] = views
-        positive = int(self.index.positive_rows[position])
+        positive = self.products.row(int(self.index.positive_rows[position]))
         if self.config.catalog_queries:
             rng = self._rng(position, "catalog-query")
             if rng.random() < self.config.catalog_queries:
@@ -312,7 +317,7 @@ class TripletDataset(torch.utils.data.Dataset):
             chosen = []
         sample["negatives"] = [
             self.product(
-                row,
+                self.products.row(row),
                 self._rng(position, f"negative-{k}") if augment else None,
                 intra=self.intra_products == "all",
             )
