@@ -1,5 +1,6 @@
 """Training throughput of ``moon2 train``: samples/s, FLOP/s against this machine's fp32 matmul
-peak, MoE vs dense at equal active parameters, score-table bookkeeping, DDP 2 vs 1 process.
+peak, MoE vs dense at equal active parameters, score-table bookkeeping, length-bucketed vs one
+padded forward, the data worker with and without its decoded-photo cache, DDP 2 vs 1 process.
 
 Everything is measured in one run on the same batches, and reported as ratios against a
 baseline measured in that run (the development machine is shared and noisy):
@@ -64,6 +65,8 @@ class Harness:
         cache = Path(tempfile.mkdtemp(prefix="moon2-bench-cache-"))
         products, queries = prepare_stores(data, cache)
         index = build_index(products, queries)
+        self.stores = (products, queries, index)
+        self.config = config
         self.dataset = TripletDataset(products, queries, index, config.data, config.seed)
         backbone, processor = build_backbone(config.model, config.seed)
         if dense_equal_active:
@@ -74,7 +77,7 @@ class Harness:
             list(self.objective.parameters()), config.optim, torch.device("cpu")
         )
         self.policy = FilterPolicy(config.filter)
-        collator = Collator(
+        self.collator = collator = Collator(
             processor,
             config.model,
             intra=config.loss.intra,
@@ -105,6 +108,28 @@ class Harness:
             self.step(self.batches[i % len(self.batches)])
             times.append(time.perf_counter() - started)
         return statistics.median(times)
+
+    def data_seconds(self, batches: int, cache_mb: int) -> float:
+        """Data-worker time per batch (samples + collate) as the trainer's dataset does it, in a
+        second epoch (so a cache is warm), with ``cache_mb`` of decoded photos."""
+        from moon2.train.data import TripletDataset
+
+        config = self.config
+        data_config = config.data.model_copy(update={"image_cache_mb": cache_mb})
+        dataset = TripletDataset(
+            *self.stores,
+            data_config,
+            config.seed,
+            intra_products=config.loss.intra_products if config.loss.intra else "none",
+        )
+        size = self.batch_size
+        keys = [[(0, i) for i in range(b * size, (b + 1) * size)] for b in range(batches)]
+        for batch in keys:  # epoch 0 fills the cache
+            self.collator([dataset[k] for k in batch])
+        started = time.perf_counter()
+        for batch in keys:
+            self.collator([dataset[(1, i)] for _, i in batch])
+        return (time.perf_counter() - started) / batches
 
     def flops_per_step(self) -> int:
         from torch.utils.flop_counter import FlopCounterMode
@@ -171,8 +196,15 @@ def measure_single(data: Path, args: argparse.Namespace) -> dict[str, Any]:
     moe_s = moe.step_seconds(args.steps, args.warmup)
     dense_s = dense.step_seconds(args.steps, args.warmup)
     peak = max(peak, matmul_peak())  # best of before and after, like the steps
+    model_config = moe.objective.model.model_config
+    buckets = model_config.length_buckets
+    model_config.length_buckets = 1
+    one_call_s = moe.step_seconds(args.steps, args.warmup)
+    model_config.length_buckets = buckets
     flops = moe.flops_per_step()
     bookkeeping = moe.bookkeeping_seconds(args.steps)
+    data_cold = moe.data_seconds(args.batches, cache_mb=0)
+    data_cached = moe.data_seconds(args.batches, cache_mb=config.data.image_cache_mb)
     return {
         "threads": torch.get_num_threads(),
         "batch_size": moe.batch_size,
@@ -187,6 +219,11 @@ def measure_single(data: Path, args: argparse.Namespace) -> dict[str, Any]:
         "moe_overhead_vs_dense": round(moe_s / dense_s - 1, 4),
         "bookkeeping_s_per_step": round(bookkeeping, 5),
         "bookkeeping_overhead": round(bookkeeping / moe_s, 4),
+        "one_call_step_s": round(one_call_s, 4),
+        "length_buckets_speedup": round(one_call_s / moe_s, 3),
+        "data_s_per_batch_no_cache": round(data_cold, 4),
+        "data_s_per_batch_cached": round(data_cached, 4),
+        "photo_cache_speedup": round(data_cold / data_cached, 3),
     }
 
 

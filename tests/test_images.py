@@ -406,3 +406,39 @@ def test_random_view_accepts_transparent_and_tiny_images() -> None:
     rgba = Image.new("RGBA", (5, 3), (0, 0, 255, 0))
     view = random_view(rgba, random.Random(0))
     assert view.size == (5, 3) and view.mode == "RGB"
+
+
+def test_image_cache_keeps_the_recently_used_within_its_byte_budget() -> None:
+    from moon2.data.images import ImageCache
+
+    made: list[str] = []
+
+    def make(name: str, side: int):
+        def build() -> Image.Image:
+            made.append(name)
+            return Image.new("RGB", (side, side))
+
+        return build
+
+    cache = ImageCache(max_bytes=3 * 10 * 10 * 3)  # three 10x10 RGB images
+    for name in ("a", "b", "c"):
+        cache.get(name, make(name, 10))
+    assert cache.get("a", make("a", 10)) is cache.get("a", make("a", 10))  # hits, no decode
+    cache.get("d", make("d", 10))  # drops the least recently used: b
+    assert len(cache) == 3 and cache.bytes == 900
+    cache.get("b", make("b", 10))
+    assert made == ["a", "b", "c", "d", "b"]
+    cache.get("huge", make("huge", 100))  # larger than the budget: returned, not kept
+    assert "huge" in made and len(cache) == 3
+    assert cache.hits == 2 and cache.misses == 6
+
+    def broken() -> Image.Image:
+        raise ImageDecodeError("not an image")
+
+    with pytest.raises(ImageDecodeError):
+        cache.get("bad", broken)
+    assert len(cache) == 3
+    nothing = ImageCache(0)
+    nothing.get("a", make("a2", 1))
+    nothing.get("a", make("a2", 1))
+    assert made[-2:] == ["a2", "a2"] and len(nothing) == 0

@@ -153,6 +153,31 @@ def test_texts_are_cut_on_their_own_tokens_and_stay_with_their_items() -> None:
     assert short in rows[2] and short not in rows[1]
 
 
+def test_cached_chat_template_renders_like_the_template() -> None:
+    from moon2.train.inputs import _prompt, _render
+
+    _, processor = build_backbone(tiny_config().model, seed=0)
+    cases = [
+        (0, "red tee"),
+        (1, None),
+        (2, "tasse à café {{ bleue }} 蓝色"),  # template syntax and non-ASCII stay literal
+        (1, "  padded text "),
+        (0, "red tee"),
+        (1, "mug"),
+        (1, "mug"),
+    ]
+    for images, text in cases:
+        assert _prompt(processor, images, text) == _render(processor, images, text)
+    # a template that rewrites the text is rendered in full every time
+    processor.chat_template = (
+        "{% for m in messages %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'text' %}{{ c['text'] | upper }}{% else %}<img>{% endif %}"
+        "{% endfor %}{% endfor %}"
+    )
+    for _ in range(2):
+        assert _prompt(processor, 1, "blue mug") == "<img>BLUE MUG"
+
+
 def test_processor_pixel_budget_is_applied() -> None:
     from PIL import Image
 
@@ -558,6 +583,25 @@ def test_gradient_checkpointing_and_lora_train_and_save_plain_models(
     assert np.isfinite(encoder.encode(_items())).all()
 
 
+def test_frozen_token_embeddings_stay_as_built(small_catalog: Path, tmp_path: Path) -> None:
+    from moon2.train.model import load_moon2_model
+
+    results = {}
+    for frozen in (True, False):
+        config = tiny_config(
+            model={**TINY["model"], "freeze_token_embeddings": frozen},
+            optim={"epochs": 1, "max_steps": 3},
+        )
+        out = tmp_path / f"run-{frozen}"
+        train(small_catalog, out, config)
+        model, _, _ = load_moon2_model(out / "final", torch.device("cpu"))
+        results[frozen] = model.backbone.get_input_embeddings().weight.detach()
+    backbone, _ = build_backbone(tiny_config().model, seed=0)
+    built = backbone.get_input_embeddings().weight.detach()
+    torch.testing.assert_close(results[True], built, rtol=0, atol=0)
+    assert not torch.equal(results[False], built)  # trained otherwise
+
+
 def test_backbone_from_a_local_directory(small_catalog: Path, tmp_path: Path) -> None:
     """The hub-id / local-path loading code, on a tiny Qwen2-VL saved like a hub model."""
     from moon2.models.offline import build_tiny_qwen2vl
@@ -631,6 +675,56 @@ def test_catalog_queries_are_the_positives_own_photos_seeded_per_epoch(
     half = data_module.TripletDataset(products, queries, index, DataConfig(catalog_queries=0.5), 0)
     share = np.mean(["catalog_query" in half[p] for p in range(len(half))])
     assert 0.25 < share < 0.75
+
+
+def test_cached_photos_give_the_same_samples_and_persistent_workers_see_each_epoch(
+    small_catalog: Path, tmp_path: Path
+) -> None:
+    from moon2.train.config import DataConfig
+    from moon2.train.data import TripletDataset, build_index, prepare_stores
+    from moon2.train.trainer import _EpochBatches
+
+    products, queries = prepare_stores(small_catalog, tmp_path / "cache")
+    index = build_index(products, queries)
+    # random views of every photo with new backgrounds: decodes and mattes both cached
+    settings = {"catalog_queries": 1.0, "view_augmentation": "all", "view_background": 1.0}
+    cached = TripletDataset(products, queries, index, DataConfig(**settings), 0)
+    plain = TripletDataset(products, queries, index, DataConfig(**settings, image_cache_mb=0), 0)
+
+    def pictures(sample: dict) -> list[bytes]:
+        items = [*sample["views"].values(), sample.get("catalog_query")]
+        images = [im for item in items if item is not None for im in item.images]
+        for product in [sample["positive"], *sample["negatives"]]:
+            images += [*product["images"], product["intra_image"]]
+        return [im.tobytes() for im in images if im is not None]
+
+    positions = list(range(0, len(cached), 3))
+    by_epoch = {}
+    for epoch in (0, 1):
+        plain.epoch = epoch
+        by_epoch[epoch] = [pictures(plain[p]) for p in positions]
+        assert [pictures(cached[(epoch, p)]) for p in positions] == by_epoch[epoch]
+    assert by_epoch[0] != by_epoch[1]
+    assert cached.images.hits > 0 and plain.images.hits == 0
+    assert any(key[0] == "matte" for key in cached.images._items)
+
+    # one DataLoader for all epochs, as the trainer builds it: its worker persists and is told
+    # each epoch through the keys
+    sampler = _EpochBatches()
+    loader = torch.utils.data.DataLoader(
+        cached,
+        batch_sampler=sampler,
+        collate_fn=lambda samples: [pictures(s) for s in samples],
+        num_workers=1,
+        persistent_workers=True,
+    )
+    for epoch in (0, 1, 0):
+        sampler.batches = [
+            [(epoch, p) for p in positions[:4]],
+            [(epoch, p) for p in positions[4:8]],
+        ]
+        seen = [pics for batch in loader for pics in batch]
+        assert seen == by_epoch[epoch][:8]
 
 
 def test_catalog_queries_join_the_i2mm_loss_but_not_the_filter_scores(

@@ -175,6 +175,51 @@ def decode_images(
     return images, failed
 
 
+class ImageCache:
+    """Decoded photos (and anything else derived from one photo, e.g. its matte) kept by key,
+    the least recently used dropped past ``max_bytes`` (sizes counted as decoded pixels).
+
+    A training worker decodes the same catalog photos every epoch; with persistent workers
+    this cache turns those decodes into lookups. ``max_bytes`` 0 caches nothing.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+
+    def get(self, key: Any, make: Any) -> Any:
+        """The value cached under ``key``, else ``make()`` (cached when it fits; exceptions
+        propagate and nothing is cached)."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key][0]
+        self.misses += 1
+        value = make()
+        size = _pixel_bytes(value)
+        if size <= self.max_bytes:
+            self._items[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _pixel_bytes(value: Any) -> int:
+    if isinstance(value, Image.Image):
+        return value.width * value.height * len(value.getbands())
+    return 64  # None (no matte) and small values
+
+
 def encode_image(
     image: Image.Image, image_format: str = "JPEG", quality: int = 90
 ) -> dict[str, Any]:
@@ -302,6 +347,7 @@ def random_view(
     max_brightness: float = 0.15,
     background_probability: float = 0.5,
     max_blur: float = 1.0,
+    matte_of: Any = None,
 ) -> Image.Image:
     """Another photo of the same product: mirrored or not, scaled down, moved, rotated, lit
     differently, on a new background (when the photo's is plain, see :func:`product_matte`)
@@ -309,13 +355,14 @@ def random_view(
 
     The product's colours never change (its colour is part of its identity) and nothing is
     cropped away beyond what rotating the frame's corners hides. Deterministic given ``rng``.
+    ``matte_of(image)`` replaces :func:`product_matte` (e.g. a cached one).
     """
     from PIL import ImageEnhance
 
     image = to_mode(image, "RGB")
     width, height = image.size
     fill = border_color(image)
-    matte = product_matte(image) if rng.random() < background_probability else None
+    matte = (matte_of or product_matte)(image) if rng.random() < background_probability else None
     layers = [(image, fill)] if matte is None else [(image, fill), (matte, 0)]
     flip = rng.random() < 0.5
     scale = rng.uniform(min_scale, 1.0)

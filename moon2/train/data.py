@@ -26,7 +26,7 @@ import pyarrow.ipc as ipc
 import torch
 
 from moon2 import progress
-from moon2.data.images import decode_image, decode_images, random_view
+from moon2.data.images import ImageCache, decode_image, product_matte, random_view
 from moon2.data.io import align_to_schema, count_rows, iter_batches
 from moon2.data.schema import PRODUCTS, QUERIES
 from moon2.errors import ImageDecodeError, InputError
@@ -182,9 +182,9 @@ def _unreadable_images(column: pa.ChunkedArray) -> dict[int, str]:
     return bad
 
 
-def _photo_cells(record: dict[str, Any]) -> list[Any]:
-    """A products row's image cells, without null entries."""
-    return [c for c in record.get("images") or [] if c is not None]
+def _photo_cells(record: dict[str, Any]) -> list[tuple[int, Any]]:
+    """A products row's image cells with their positions in the list, without null entries."""
+    return [(n, c) for n, c in enumerate(record.get("images") or []) if c is not None]
 
 
 class TripletDataset(torch.utils.data.Dataset):
@@ -208,6 +208,7 @@ class TripletDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.intra_products = intra_products
+        self.images = ImageCache(config.image_cache_mb << 20)
         names = set(products.table.column_names)
         self.has_aug_title = config.use_augmented and "aug_title" in names
         self.has_aug_images = config.use_augmented and "aug_images" in names
@@ -228,59 +229,100 @@ class TripletDataset(torch.utils.data.Dataset):
         text = title
         if self.has_aug_title and record.get("aug_title"):
             text = f"{title}\n{record['aug_title']}".strip()
-        images, failed = decode_images(record.get("images") or [], self.config.max_images)
+        images, failed = self._decode_cells(record, "images", self.config.max_images)
+        first = images[0] if images else None
         if self.has_aug_images and self.config.max_aug_images:
-            extra, more = decode_images(record.get("aug_images") or [], self.config.max_aug_images)
+            extra, more = self._decode_cells(record, "aug_images", self.config.max_aug_images)
             images += extra
             failed += more
-        main = images[0] if images and record.get("images") else None
-        intra_image = self._intra_image(record, main) if intra else None
+        intra = self._intra_image(record, first) if intra else None
         if rng is not None:
-            images = [self._view(image, rng) for image in images]
-            intra_image = None if intra_image is None else self._view(intra_image, rng)
+            images = [(key, self._view(image, rng, key)) for key, image in images]
+            intra = None if intra is None else (intra[0], self._view(intra[1], rng, intra[0]))
         return {
             "product_id": record["product_id"],
             "text": text or None,
             "title": title or None,
-            "images": images,
-            "main_image": main,
-            "intra_image": intra_image,
+            "images": [image for _, image in images],
+            "main_image": None if first is None else first[1],
+            "intra_image": None if intra is None else intra[1],
             "images_failed": failed,
         }
 
-    def _view(self, image: Any, rng: random.Random) -> Any:
-        return random_view(image, rng, background_probability=self.config.view_background)
+    def _decode(self, key: tuple[Any, ...], cell: Any) -> Any:
+        return self.images.get(key, lambda: decode_image(cell))
+
+    def _decode_cells(
+        self, record: dict[str, Any], column: str, limit: int
+    ) -> tuple[list[tuple[tuple[Any, ...], Any]], int]:
+        """Up to ``limit`` (cache key, decoded image) of a row's image column (null cells
+        skipped), and how many failed to decode."""
+        images, failed = [], 0
+        for number, cell in enumerate(record.get(column) or []):
+            if len(images) >= limit:
+                break
+            if cell is None:
+                continue
+            key = ("product", record["product_id"], column, number)
+            try:
+                images.append((key, self._decode(key, cell)))
+            except ImageDecodeError:
+                failed += 1
+        return images, failed
+
+    def _view(self, image: Any, rng: random.Random, key: tuple[Any, ...] | None = None) -> Any:
+        """A random view; ``key`` (the photo's cache key) lets the photo's matte be cached."""
+        matte_of = None
+        if key is not None:
+
+            def matte_of(photo: Any) -> Any:
+                return self.images.get(("matte", *key), lambda: product_matte(photo))
+
+        return random_view(
+            image, rng, background_probability=self.config.view_background, matte_of=matte_of
+        )
 
     def _catalog_query(self, record: dict[str, Any], rng: random.Random) -> Any:
         """An image query from the product's own photos (see ``catalog_queries``)."""
         cells = _photo_cells(record)
         if not cells:
             return None
+        number, cell = rng.choice(cells[1:] or cells)
+        key = ("product", record["product_id"], "images", number)
         try:
-            photo = decode_image(rng.choice(cells[1:] or cells))
+            photo = self._decode(key, cell)
         except ImageDecodeError:
             return None
-        return self._view(photo, rng)
+        return self._view(photo, rng, key)
 
     def _intra_image(self, record: dict[str, Any], main: Any) -> Any:
-        """The image the intra-product loss aligns with the title: the main one, or (``any``)
-        one of the product's images drawn per epoch, so alignment also sees its other views."""
+        """(cache key, image) the intra-product loss aligns with the title: ``main`` (the first
+        photo that decodes, as (key, image)), or (``any``) one of the product's images drawn per
+        epoch, so alignment also sees its other views."""
         cells = _photo_cells(record)
         if self.config.intra_image == "main" or len(cells) < 2:
             return main
         rng = random.Random(f"{self.seed}:{self.epoch}:{record['product_id']}")
+        number, cell = rng.choice(cells)
+        key = ("product", record["product_id"], "images", number)
         try:
-            return decode_image(rng.choice(cells))
+            return key, self._decode(key, cell)
         except ImageDecodeError:
             return main
 
-    def __getitem__(self, position: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """The sample at ``position`` of the current epoch, or at ``(epoch, position)`` (how a
+        persistent worker, whose copy of the dataset does not see ``epoch`` change, is told)."""
+        if isinstance(key, tuple):
+            self.epoch, position = int(key[0]), int(key[1])
+        else:
+            position = key
         query = self.queries.row(int(self.index.query_rows[position]))
         sample: dict[str, Any] = {"position": position, "query_id": query["query_id"]}
         image = None
         if query.get("query_image") is not None:
             try:
-                image = decode_image(query["query_image"])
+                image = self._decode(("query", query["query_id"]), query["query_image"])
             except ImageDecodeError as exc:
                 sample["rejected"] = f"query_image: {exc}"
                 return sample

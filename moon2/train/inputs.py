@@ -7,6 +7,7 @@ image tokens. Padding is on the right (mean pooling ignores pads through the att
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +50,47 @@ def truncate_texts(tokenizer: Any, texts: list[str], max_tokens: int) -> list[st
     ]
 
 
+_TEXT_SLOT = "\x00moon2-text\x00"
+_TEMPLATES: weakref.WeakKeyDictionary[Any, dict[tuple[Any, int, bool], str | None]] = (
+    weakref.WeakKeyDictionary()
+)
+"""processor -> (chat template, images, has text) -> the rendered turn with :data:`_TEXT_SLOT`
+for the text, or None where the template does not place the text verbatim"""
+
+
+def _render(processor: Any, images: int, text: str | None) -> str:
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(images)]
+    if text is not None:
+        content.append({"type": "text", "text": text})
+    return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+
+
+def _prompt(processor: Any, images: int, text: str | None) -> str:
+    """The chat-formatted turn of an item. The template is rendered once per (images, has text)
+    and the text put in its slot (a Jinja render per row cost ~0.1 ms, ~10 ms per training
+    batch); a template that changes the text (its first use is checked against a real render)
+    or a text with surrounding whitespace (a template may trim it) is rendered in full."""
+    if text is not None and text != text.strip():
+        return _render(processor, images, text)
+    try:
+        cache = _TEMPLATES.setdefault(processor, {})
+    except TypeError:  # not weak-referenceable
+        return _render(processor, images, text)
+    key = (getattr(processor, "chat_template", None), images, text is not None)
+    if key not in cache:
+        rendered = _render(processor, images, text)
+        slotted = _render(processor, images, _TEXT_SLOT) if text is not None else rendered
+        usable = text is None or (
+            slotted.count(_TEXT_SLOT) == 1 and slotted.replace(_TEXT_SLOT, text) == rendered
+        )
+        cache[key] = slotted if usable else None
+        return rendered
+    template = cache[key]
+    if template is None:
+        return _render(processor, images, text)
+    return template if text is None else template.replace(_TEXT_SLOT, text)
+
+
 MODALITY_KEY = "moon2_modality"
 """Key of the per-row input modality in :func:`build_inputs`' output (not a backbone input)."""
 TEXT, IMAGE, MULTIMODAL = 0, 1, 2
@@ -74,12 +116,7 @@ def build_inputs(
         )
     )
     for item in items:
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in item.images]
-        if item.text:
-            content.append({"type": "text", "text": next(texts)})
-        prompts.append(
-            processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
-        )
+        prompts.append(_prompt(processor, len(item.images), next(texts) if item.text else None))
         images.extend(item.images)
     encoded = dict(
         processor(text=prompts, images=images or None, padding=True, return_tensors="pt")

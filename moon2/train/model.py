@@ -21,6 +21,8 @@ from torch import nn
 
 from moon2.errors import InputError
 from moon2.models.base import EncodeItem, Encoder, quiet_loading, resolve_device
+from moon2.train import buckets as length_buckets
+from moon2.train.buckets import images_per_row, splittable, take_rows
 from moon2.train.config import ModelConfig, MoEConfig
 from moon2.train.inputs import MODALITY_KEY, build_inputs, configure_processor
 from moon2.train.moe import MoEMLP, Routing, sample_gates
@@ -194,6 +196,34 @@ class EmbeddingCenter(nn.Module):
 
 
 @dataclass
+class _LengthGroups:
+    rows: list[list[int]]
+    image_counts: list[int] | None
+    device: torch.device
+
+
+def merge_routings(parts: list[Routing], width: int, inverse: torch.Tensor) -> Routing:
+    """One layer's routings of several row groups as one [B, width] routing in the batch's row
+    order (``inverse``); positions past a group's own width count as padding (mask 0)."""
+
+    def padded(tensor: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(tensor, (0, 0, 0, width - tensor.shape[1]))
+
+    masks = [
+        torch.ones(p.probs.shape[:2], device=p.probs.device) if p.mask is None else p.mask
+        for p in parts
+    ]
+    return Routing(
+        probs=torch.cat([padded(p.probs) for p in parts]).index_select(0, inverse),
+        gates=torch.cat([padded(p.gates) for p in parts]).index_select(0, inverse),
+        chosen=torch.cat([padded(p.chosen) for p in parts]).index_select(0, inverse),
+        mask=torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in masks]).index_select(
+            0, inverse
+        ),
+    )
+
+
+@dataclass
 class Encoded:
     embeddings: torch.Tensor
     """[B, D] L2-normalised"""
@@ -257,6 +287,8 @@ class Moon2Model(nn.Module):
         self.moe_config = moe_config
         self.eos_token_id = eos_token_id
         self.image_token_id = getattr(backbone.config, "image_token_id", None)
+        vision = getattr(backbone.config, "vision_config", None)
+        self.spatial_merge = getattr(vision, "spatial_merge_size", None)
         hidden = hidden_size_of(backbone.config)
         use_patchwise_matmul(backbone)
         self.moe_layers = apply_moe(backbone, moe_config, hidden) if moe_config.enabled else []
@@ -284,6 +316,35 @@ class Moon2Model(nn.Module):
     def encode(self, inputs: dict[str, torch.Tensor]) -> Encoded:
         inputs = dict(inputs)
         modality = inputs.pop(MODALITY_KEY, None)
+        groups = self._length_groups(inputs)
+        if groups is None:
+            pooled, routings = self._pool_rows(inputs)
+        else:
+            parts = [
+                self._pool_rows(take_rows(inputs, rows, groups.image_counts))
+                for rows in groups.rows
+            ]
+            order = torch.tensor([r for rows in groups.rows for r in rows], device=groups.device)
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(len(order), device=order.device)
+            pooled = torch.cat([part[0] for part in parts]).index_select(0, inverse)
+            width = inputs["attention_mask"].shape[1]
+            routings = [
+                merge_routings([part[1][layer] for part in parts], width, inverse)
+                for layer in range(len(parts[0][1]))
+            ]
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        if self.center is not None:
+            if modality is None:
+                raise ValueError(f"centring needs the inputs' {MODALITY_KEY} (see build_inputs)")
+            pooled = self.center(pooled, modality.to(pooled.device))
+        embeddings = torch.nn.functional.normalize(pooled, dim=-1)
+        gates = sample_gates(routings) if routings else None
+        return Encoded(embeddings, gates, routings)
+
+    def _pool_rows(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[Routing]]:
+        """One backbone call: pooled hidden states [B, H] (float32) and the MoE routings."""
         mask = inputs["attention_mask"]
         for layer in self.moe_layers:
             layer.token_mask = mask
@@ -302,19 +363,43 @@ class Moon2Model(nn.Module):
             self.eos_token_id,
             self.image_token_id,
         )
-        if self.projection is not None:
-            pooled = self.projection(pooled)
-        if self.center is not None:
-            if modality is None:
-                raise ValueError(f"centring needs the inputs' {MODALITY_KEY} (see build_inputs)")
-            pooled = self.center(pooled, modality.to(pooled.device))
-        embeddings = torch.nn.functional.normalize(pooled, dim=-1)
         routings = [layer.last_routing for layer in self.moe_layers if layer.last_routing]
         for layer in self.moe_layers:
             layer.token_mask = None
             layer.last_routing = None
-        gates = sample_gates(routings) if routings else None
-        return Encoded(embeddings, gates, routings)
+        return pooled, routings
+
+    def _length_groups(self, inputs: dict[str, torch.Tensor]) -> _LengthGroups | None:
+        """How to split ``inputs`` into calls by row length (None: one call)."""
+        if self.model_config.length_buckets < 2 or not splittable(inputs):
+            return None
+        mask = inputs["attention_mask"]
+        lengths = mask.sum(-1)
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        if not torch.equal(mask.bool(), positions < lengths.unsqueeze(1)):
+            return None  # not right-padded: trimming columns would cut real tokens
+        image_counts = None
+        if "image_grid_thw" in inputs:
+            if (
+                self.image_token_id is None
+                or self.spatial_merge is None
+                or "input_ids" not in inputs
+            ):
+                return None
+            image_counts = images_per_row(
+                inputs["input_ids"],
+                inputs["image_grid_thw"],
+                self.image_token_id,
+                self.spatial_merge,
+            )
+        rows = length_buckets.plan_buckets(
+            lengths.tolist(),
+            self.model_config.length_buckets,
+            length_buckets.CALL_COST_TOKENS,
+        )
+        if len(rows) < 2:
+            return None
+        return _LengthGroups(rows, image_counts, mask.device)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encode(inputs).embeddings

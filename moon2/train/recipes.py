@@ -15,7 +15,7 @@ def recipes() -> dict[str, tuple[TrainConfig, str]]:
         "tiny-cpu": (
             tiny_cpu(),
             "moon2 train recipe: a tiny random-init Qwen2-VL on CPU (the default).\n"
-            "7 epochs on the train split of the 2,000-product synthetic catalog took 540-576 s\n"
+            "9 epochs on the train split of the 2,000-product synthetic catalog took 482-515 s\n"
             "on 2 CPU cores.\n"
             "Usage: moon2 train BENCH/train runs/tiny --config configs/train/tiny-cpu.yaml",
         ),

@@ -125,6 +125,20 @@ def _schedule(warmup: int, total: int) -> Any:
     return factor
 
 
+class _EpochBatches(torch.utils.data.Sampler):
+    """The current epoch's batches of ``(epoch, position)`` keys: one DataLoader serves every
+    epoch, so its workers (and their decoded-photo caches) persist."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def _epoch_batches(
     size: int, epoch: int, seed: int, dropped: set[int], batch_size: int, rank: int, world: int
 ) -> list[list[int]]:
@@ -249,6 +263,8 @@ def train(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     _apply_lora(model, config)
+    if config.model.freeze_token_embeddings:
+        backbone.get_input_embeddings().weight.requires_grad_(False)
     objective = Objective(model, config).to(device)
     wrapped: torch.nn.Module = objective
     if world > 1:
@@ -287,6 +303,14 @@ def train(
     window_start = time.perf_counter()
     window_samples = 0
     done = False
+    sampler = _EpochBatches()
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collator,
+        num_workers=config.data.num_workers,
+        persistent_workers=config.data.num_workers > 0,
+    )
     with progress.task("training", total_updates) as bar:
         bar.advance(update)
         for epoch in range(start_epoch, config.optim.epochs):
@@ -302,13 +326,7 @@ def train(
             )
             first = skip_batches if epoch == start_epoch else 0
             scores = _load_partial_scores(out, epoch) if first else []
-            loader = torch.utils.data.DataLoader(
-                dataset,
-                batch_sampler=batches[first:],
-                collate_fn=collator,
-                num_workers=config.data.num_workers,
-                persistent_workers=False,
-            )
+            sampler.batches = [[(epoch, p) for p in batch] for batch in batches[first:]]
             wrapped.train()
             for batch_index, batch in enumerate(loader, start=first):
                 for query_id, reason in batch.rejected:
