@@ -159,17 +159,23 @@ def decode_images(
     cells: Sequence[dict[str, Any] | None],
     limit: int,
     base_dir: str | os.PathLike[str] | None = None,
-) -> tuple[list[Image.Image], int]:
-    """Up to ``limit`` decoded images from ``cells`` (null cells skipped), and how many failed."""
-    images: list[Image.Image] = []
+    decode: Any = None,
+) -> tuple[list[Any], int]:
+    """Up to ``limit`` decoded images from ``cells`` (null cells skipped), and how many failed.
+    ``decode(number, cell)`` replaces :func:`decode_image` (``number``: the cell's position in
+    ``cells``), e.g. to read through a cache; whatever it returns is listed."""
+    images: list[Any] = []
     failed = 0
-    for cell in cells:
+    for number, cell in enumerate(cells):
         if len(images) >= limit:
             break
         if cell is None:
             continue
         try:
-            images.append(decode_image(cell, base_dir=base_dir))
+            if decode is None:
+                images.append(decode_image(cell, base_dir=base_dir))
+            else:
+                images.append(decode(number, cell))
         except ImageDecodeError:
             failed += 1
     return images, failed

@@ -26,7 +26,13 @@ import pyarrow.ipc as ipc
 import torch
 
 from moon2 import progress
-from moon2.data.images import ImageCache, decode_image, product_matte, random_view
+from moon2.data.images import (
+    ImageCache,
+    decode_image,
+    decode_images,
+    product_matte,
+    random_view,
+)
 from moon2.data.io import align_to_schema, count_rows, iter_batches
 from moon2.data.schema import PRODUCTS, QUERIES
 from moon2.errors import ImageDecodeError, InputError
@@ -187,6 +193,11 @@ def _photo_cells(record: dict[str, Any]) -> list[tuple[int, Any]]:
     return [(n, c) for n, c in enumerate(record.get("images") or []) if c is not None]
 
 
+def _photo_key(record: dict[str, Any], column: str, number: int) -> tuple[Any, ...]:
+    """Cache key of the ``number``-th cell of a products row's image ``column``."""
+    return ("product", record["product_id"], column, number)
+
+
 class TripletDataset(torch.utils.data.Dataset):
     """Map-style dataset of (query views, positive, negatives) samples."""
 
@@ -257,18 +268,12 @@ class TripletDataset(torch.utils.data.Dataset):
     ) -> tuple[list[tuple[tuple[Any, ...], Any]], int]:
         """Up to ``limit`` (cache key, decoded image) of a row's image column (null cells
         skipped), and how many failed to decode."""
-        images, failed = [], 0
-        for number, cell in enumerate(record.get(column) or []):
-            if len(images) >= limit:
-                break
-            if cell is None:
-                continue
-            key = ("product", record["product_id"], column, number)
-            try:
-                images.append((key, self._decode(key, cell)))
-            except ImageDecodeError:
-                failed += 1
-        return images, failed
+
+        def decode(number: int, cell: Any) -> tuple[tuple[Any, ...], Any]:
+            key = _photo_key(record, column, number)
+            return key, self._decode(key, cell)
+
+        return decode_images(record.get(column) or [], limit, decode=decode)
 
     def _view(self, image: Any, rng: random.Random, key: tuple[Any, ...] | None = None) -> Any:
         """A random view; ``key`` (the photo's cache key) lets the photo's matte be cached."""
@@ -288,7 +293,7 @@ class TripletDataset(torch.utils.data.Dataset):
         if not cells:
             return None
         number, cell = rng.choice(cells[1:] or cells)
-        key = ("product", record["product_id"], "images", number)
+        key = _photo_key(record, "images", number)
         try:
             photo = self._decode(key, cell)
         except ImageDecodeError:
@@ -304,7 +309,7 @@ class TripletDataset(torch.utils.data.Dataset):
             return main
         rng = random.Random(f"{self.seed}:{self.epoch}:{record['product_id']}")
         number, cell = rng.choice(cells)
-        key = ("product", record["product_id"], "images", number)
+        key = _photo_key(record, "images", number)
         try:
             return key, self._decode(key, cell)
         except ImageDecodeError:

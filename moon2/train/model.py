@@ -199,7 +199,6 @@ class EmbeddingCenter(nn.Module):
 class _LengthGroups:
     rows: list[list[int]]
     image_counts: list[int] | None
-    device: torch.device
 
 
 def merge_routings(parts: list[Routing], width: int, inverse: torch.Tensor) -> Routing:
@@ -324,7 +323,9 @@ class Moon2Model(nn.Module):
                 self._pool_rows(take_rows(inputs, rows, groups.image_counts))
                 for rows in groups.rows
             ]
-            order = torch.tensor([r for rows in groups.rows for r in rows], device=groups.device)
+            order = torch.tensor(
+                [r for rows in groups.rows for r in rows], device=inputs["attention_mask"].device
+            )
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(len(order), device=order.device)
             pooled = torch.cat([part[0] for part in parts]).index_select(0, inverse)
@@ -399,7 +400,7 @@ class Moon2Model(nn.Module):
         )
         if len(rows) < 2:
             return None
-        return _LengthGroups(rows, image_counts, mask.device)
+        return _LengthGroups(rows, image_counts)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encode(inputs).embeddings
