@@ -1,6 +1,9 @@
 """Training throughput of ``moon2 train``: samples/s, FLOP/s against this machine's fp32 matmul
 peak, MoE vs dense at equal active parameters, score-table bookkeeping, length-bucketed vs one
-padded forward, the data worker with and without its decoded-photo cache, DDP 2 vs 1 process.
+padded forward, multimodal RoPE positions vectorised vs transformers' row loop, the vision
+tower once per distinct photo vs in every backbone call, vision attention grouped by image
+size vs one call per image, the data worker with and without its decoded-photo cache, DDP 2
+vs 1 process.
 
 Everything is measured in one run on the same batches, and reported as ratios against a
 baseline measured in that run (the development machine is shared and noisy):
@@ -185,6 +188,7 @@ def _widen_mlps(backbone: Any, config: Any) -> None:
 
 def measure_single(data: Path, args: argparse.Namespace) -> dict[str, Any]:
     from moon2.train.config import TrainConfig
+    from moon2.train.model import use_grouped_vision_attention
 
     config = TrainConfig()
     moe = Harness(data, config, args.batches, dense_equal_active=False)
@@ -201,6 +205,22 @@ def measure_single(data: Path, args: argparse.Namespace) -> dict[str, Any]:
     model_config.length_buckets = 1
     one_call_s = moe.step_seconds(args.steps, args.warmup)
     model_config.length_buckets = buckets
+    model = moe.objective.model
+    model.mrope = False  # transformers' get_rope_index, row by row, in every call
+    rope_index_s = moe.step_seconds(args.steps, args.warmup)
+    model.mrope = True
+    model._takes_features = False  # the backbone runs its vision tower per call, every slot
+    per_call_vision_s = moe.step_seconds(args.steps, args.warmup)
+    model._takes_features = None
+    turned = [
+        m
+        for m in model.backbone.modules()
+        if type(m).__name__ == "VisionAttention" and "forward" in vars(m)
+    ]
+    for module in turned:  # transformers' own attention: one SDPA call per image
+        del module.forward
+    per_image_attention_s = moe.step_seconds(args.steps, args.warmup)
+    use_grouped_vision_attention(model.backbone)
     flops = moe.flops_per_step()
     bookkeeping = moe.bookkeeping_seconds(args.steps)
     data_cold = moe.data_seconds(args.batches, cache_mb=0)
@@ -224,6 +244,12 @@ def measure_single(data: Path, args: argparse.Namespace) -> dict[str, Any]:
         "data_s_per_batch_no_cache": round(data_cold, 4),
         "data_s_per_batch_cached": round(data_cached, 4),
         "photo_cache_speedup": round(data_cold / data_cached, 3),
+        "rope_index_step_s": round(rope_index_s, 4),
+        "vectorised_mrope_speedup": round(rope_index_s / moe_s, 3),
+        "per_call_vision_step_s": round(per_call_vision_s, 4),
+        "shared_vision_speedup": round(per_call_vision_s / moe_s, 3),
+        "per_image_attention_step_s": round(per_image_attention_s, 4),
+        "grouped_vision_attention_speedup": round(per_image_attention_s / moe_s, 3),
     }
 
 

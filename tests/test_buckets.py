@@ -1,5 +1,6 @@
 """Length buckets: the grouping is optimal, rows keep their images, and a bucketed forward gives
-the same embeddings, routings, losses and gradients as one padded call."""
+the same embeddings, routings, losses and gradients as one padded call; a batch's repeated
+photos go through the vision tower once, with the same results."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 from PIL import Image
 
 from moon2.models.base import EncodeItem
-from moon2.train.buckets import images_per_row, plan_buckets, take_rows
+from moon2.train.buckets import images_per_row, mrope_positions, plan_buckets, take_rows
 from moon2.train.inputs import build_inputs
-from moon2.train.model import Moon2Model, build_backbone
+from moon2.train.model import Moon2Model, build_backbone, distinct_images
 from moon2.train.moe import load_balancing_loss, routing_usage
 from tests.test_train import tiny_config
 
@@ -139,3 +140,64 @@ def test_left_padded_inputs_are_not_split() -> None:
     inputs = build_inputs(processor, _mixed_items(), 24)
     inputs.pop("moon2_modality")
     assert model._length_groups(inputs) is None
+
+
+def test_distinct_images_finds_repeated_photos_only() -> None:
+    grid = torch.tensor([[1, 2, 2], [1, 2, 2], [1, 2, 2], [1, 4, 1], [1, 2, 2]])
+    base = torch.arange(12, dtype=torch.float32).view(4, 3)
+    shuffled = base.flip(0)  # same patches, same sum, another photo
+    tall = base.clone()  # same patches, another grid
+    pixel_values = torch.cat([base, shuffled, base, tall, base + 1])
+    assert distinct_images(pixel_values, grid) == [0, 1, 0, 3, 4]
+
+
+def test_repeated_photos_are_encoded_once_with_the_same_results() -> None:
+    config = tiny_config()
+    backbone, processor = build_backbone(config.model, seed=2)
+    model = Moon2Model.with_processor(backbone, processor, config.model, config.moe)
+    model.model_config.length_buckets = 3
+    inputs = build_inputs(processor, _mixed_items(), 24)  # 3 photos in 6 image slots
+    assert len(set(distinct_images(inputs["pixel_values"], inputs["image_grid_thw"]))) == 3
+    calls = []
+
+    def record_grid(module: object, args: tuple, kwargs: dict, output: object) -> None:
+        calls.append(kwargs["grid_thw"] if "grid_thw" in kwargs else args[1])
+
+    model.backbone.visual.register_forward_hook(record_grid, with_kwargs=True)
+    results = {}
+    for shared in (False, True):
+        model._takes_features = shared
+        model.zero_grad()
+        encoded = model.encode(inputs)
+        encoded.embeddings.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[shared] = (encoded.embeddings, grads)
+    assert len(calls[-1]) == 3  # one vision call over the 3 distinct photos
+    assert sum(len(grid) for grid in calls[:-1]) == 6  # the backbone's own calls: every slot
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_mrope_positions_equal_transformers_rope_index(side: str) -> None:
+    config = tiny_config()
+    backbone, processor = build_backbone(config.model, seed=0)
+    processor.tokenizer.padding_side = side
+    inputs = build_inputs(processor, _mixed_items(), 24)
+    expected, _ = backbone.get_rope_index(
+        inputs["input_ids"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+    )
+    positions = mrope_positions(
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        inputs["image_grid_thw"],
+        backbone.config.image_token_id,
+        backbone.config.vision_config.spatial_merge_size,
+    )
+    torch.testing.assert_close(positions, expected)
+    assert not torch.equal(positions[1], positions[2])  # image tokens: rows differ from columns

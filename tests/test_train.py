@@ -779,3 +779,27 @@ def test_patchwise_conv_equals_the_patch_embedding_convolution() -> None:
     )
     backbone, _ = build_backbone(tiny_config().model, seed=0)
     assert use_patchwise_matmul(backbone) == 1  # Qwen2-VL's PatchEmbed
+
+
+def test_grouped_vision_attention_equals_one_call_per_image() -> None:
+    from moon2.train.model import use_grouped_vision_attention
+
+    backbone, _ = build_backbone(tiny_config().model, seed=0)
+    visual = backbone.visual
+    grid = torch.tensor([[1, 4, 4], [1, 4, 8], [1, 4, 4], [1, 8, 8], [1, 8, 4], [1, 4, 4]])
+    patch_dim = visual.patch_embed.proj.weight[0].numel()
+    torch.manual_seed(0)
+    pixels = torch.randn(int(grid.prod(-1).sum()), patch_dim)
+    expected = visual(pixels, grid_thw=grid).last_hidden_state
+    (expected**2).sum().backward()
+    expected_grads = {n: p.grad.clone() for n, p in visual.named_parameters() if p.grad is not None}
+    assert "blocks.0.attn.qkv.weight" in expected_grads
+    visual.zero_grad()
+    assert use_grouped_vision_attention(backbone) == len(visual.blocks)
+    grouped = visual(pixels, grid_thw=grid).last_hidden_state
+    (grouped**2).sum().backward()
+    torch.testing.assert_close(grouped, expected, atol=1e-5, rtol=1e-5)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(
+            visual.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-4, msg=name
+        )

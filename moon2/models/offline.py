@@ -184,8 +184,14 @@ def tiny_qwen2vl_processor(
     tokenizer.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS)})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # one frame per patch: Qwen2-VL's 2 repeat each photo to fill a video-style patch, which
+    # doubles the patch embedding's work for no information
     image_processor = Qwen2VLImageProcessor(
-        min_pixels=56 * 56, max_pixels=224 * 224, patch_size=patch_size, merge_size=merge_size
+        min_pixels=56 * 56,
+        max_pixels=224 * 224,
+        patch_size=patch_size,
+        merge_size=merge_size,
+        temporal_patch_size=1,
     )
     return Qwen2VLProcessor(
         image_processor=image_processor,
@@ -235,7 +241,7 @@ def tiny_qwen2vl_config(
             "patch_size": vision_patch,
             "spatial_merge_size": spatial_merge,
             "in_chans": 3,
-            "temporal_patch_size": 2,
+            "temporal_patch_size": 1,
         },
         vision_start_token_id=special_ids["<|vision_start|>"],
         vision_end_token_id=special_ids["<|vision_end|>"],

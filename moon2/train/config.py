@@ -25,13 +25,16 @@ class TinyBackboneConfig(Config):
         description="Vision transformer width (attention heads: max(4, width / 32)).",
     )
     vision_patch: int = Field(
-        14,
+        7,
         ge=2,
         description="Pixel side of one vision patch (Qwen2-VL: 14). Smaller patches give the "
-        "vision tower a finer grid at the same resolution, at the cost of more tokens.",
+        "vision tower a finer grid at the same resolution, at the cost of more vision tokens. "
+        "7 with spatial_merge 4 keeps Qwen2-VL's 28-px decoder token (16 per 112-px photo) on "
+        "a 4x finer grid: on the synthetic benchmark i2mm R@10 went from 51.6-55.7 (14 / 2, three "
+        "seeds) to 65.2 at 9 epochs (seed 0), at ~1.6x the step's compute.",
     )
     spatial_merge: int = Field(
-        2,
+        4,
         ge=1,
         description="Patches merged per side into one decoder token (Qwen2-VL: 2).",
     )

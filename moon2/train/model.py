@@ -22,7 +22,14 @@ from torch import nn
 from moon2.errors import InputError
 from moon2.models.base import EncodeItem, Encoder, quiet_loading, resolve_device
 from moon2.train import buckets as length_buckets
-from moon2.train.buckets import images_per_row, splittable, take_rows
+from moon2.train.buckets import (
+    POSITION_KEY,
+    images_of_rows,
+    images_per_row,
+    mrope_positions,
+    splittable,
+    take_rows,
+)
 from moon2.train.config import ModelConfig, MoEConfig
 from moon2.train.inputs import MODALITY_KEY, build_inputs, configure_processor
 from moon2.train.moe import MoEMLP, Routing, sample_gates
@@ -96,6 +103,68 @@ def use_patchwise_matmul(backbone: nn.Module) -> int:
             module.__class__ = PatchwiseConv3d
             turned += 1
     return turned
+
+
+def _grouped_vision_attention(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Qwen2-VL's vision attention (each image attends within itself) with the images of one
+    length attended in one batched call, where transformers' SDPA path makes one call per image
+    (a training batch holds ~75 images; per-call overhead dominated the vision tower on CPU)."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    seq_length = hidden_states.shape[0]
+    query, key, value = (
+        self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3)
+    ).unbind(0)
+    cos, sin = position_embeddings
+    query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
+    starts = cu_seqlens[:-1].tolist()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    by_length: dict[int, list[int]] = {}
+    for image, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(image)
+    heads, head_dim = query.shape[1], query.shape[2]
+    output = query.new_zeros(seq_length, heads * head_dim)
+    for length, images in by_length.items():
+        index = torch.cat(
+            [torch.arange(starts[i], starts[i] + length, device=query.device) for i in images]
+        )
+
+        def group(states: torch.Tensor, index: torch.Tensor = index, length: int = length) -> Any:
+            return states.index_select(0, index).view(-1, length, heads, head_dim).transpose(1, 2)
+
+        attended = nn.functional.scaled_dot_product_attention(
+            group(query), group(key), group(value), scale=self.scaling
+        )
+        output = output.index_copy(0, index, attended.transpose(1, 2).reshape(-1, heads * head_dim))
+    return self.proj(output)
+
+
+def use_grouped_vision_attention(backbone: nn.Module) -> int:
+    """Give the backbone's Qwen2-VL vision attention modules :func:`_grouped_vision_attention`
+    (same weights, same results) unless a flash-attention kernel (already one call) serves
+    them. Returns how many were changed."""
+    try:
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionAttention
+    except ImportError:  # pragma: no cover - transformers without Qwen2-VL
+        return 0
+    import types
+
+    changed = 0
+    for module in backbone.modules():
+        if type(module) is VisionAttention and "flash" not in str(
+            module.config._attn_implementation
+        ):
+            if module.attention_dropout:
+                continue
+            module.forward = types.MethodType(_grouped_vision_attention, module)
+            changed += 1
+    return changed
 
 
 def apply_moe(backbone: nn.Module, config: MoEConfig, hidden_size: int) -> list[MoEMLP]:
@@ -195,6 +264,41 @@ class EmbeddingCenter(nn.Module):
         return centred
 
 
+def distinct_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[int]:
+    """For each image of a Qwen2-VL batch (its ``image_grid_thw`` row and its patches in
+    ``pixel_values``), the index of the first image with the same grid and the same patches:
+    a batch often holds one photo several times (a shopper photo as an image query and in the
+    image+text query, a product photo as candidate and as intra-product image), and the vision
+    tower need run once per distinct photo."""
+    patches = image_grid_thw.prod(-1)
+    owner = torch.repeat_interleave(torch.arange(len(patches), device=patches.device), patches)
+    sums = torch.zeros(len(patches), dtype=torch.float64, device=pixel_values.device)
+    sums.index_add_(0, owner.to(pixel_values.device), pixel_values.sum(-1, dtype=torch.float64))
+    chunks = pixel_values.split(patches.tolist())
+    grids = [tuple(row) for row in image_grid_thw.tolist()]
+    seen: dict[tuple[Any, ...], list[int]] = {}
+    first = []
+    for index, key in enumerate(zip(grids, sums.tolist(), strict=True)):
+        same = next((j for j in seen.get(key, []) if torch.equal(chunks[j], chunks[index])), None)
+        if same is None:
+            seen.setdefault(key, []).append(index)
+            same = index
+        first.append(same)
+    return first
+
+
+def takes_encoder_outputs(backbone: nn.Module) -> bool:
+    """True when ``backbone`` (or the model a PEFT wrapper holds) computes image features with
+    ``get_image_features`` and accepts them precomputed (``mm_encoder_outputs``), as the
+    transformers Qwen2-VL / Qwen2.5-VL models do."""
+    import inspect
+
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    if not hasattr(base, "get_image_features"):
+        return False
+    return "mm_encoder_outputs" in inspect.signature(base.forward).parameters
+
+
 @dataclass
 class _LengthGroups:
     rows: list[list[int]]
@@ -288,8 +392,17 @@ class Moon2Model(nn.Module):
         self.image_token_id = getattr(backbone.config, "image_token_id", None)
         vision = getattr(backbone.config, "vision_config", None)
         self.spatial_merge = getattr(vision, "spatial_merge_size", None)
+        # Qwen2-VL's multimodal RoPE computed by mrope_positions (same positions, vectorised)
+        self.mrope = (
+            getattr(backbone.config, "model_type", None) == "qwen2_vl"
+            and self.image_token_id is not None
+            and self.spatial_merge is not None
+        )
+        # decided at the first encode: a LoRA wrapper is put around the backbone after this
+        self._takes_features: bool | None = None
         hidden = hidden_size_of(backbone.config)
         use_patchwise_matmul(backbone)
+        use_grouped_vision_attention(backbone)
         self.moe_layers = apply_moe(backbone, moe_config, hidden) if moe_config.enabled else []
         self.projection = (
             nn.Linear(hidden, model_config.projection_dim, bias=False)
@@ -315,12 +428,26 @@ class Moon2Model(nn.Module):
     def encode(self, inputs: dict[str, torch.Tensor]) -> Encoded:
         inputs = dict(inputs)
         modality = inputs.pop(MODALITY_KEY, None)
+        if self.mrope and "image_grid_thw" in inputs and POSITION_KEY not in inputs:
+            inputs[POSITION_KEY] = mrope_positions(
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                inputs["image_grid_thw"],
+                self.image_token_id,
+                self.spatial_merge,
+            )
         groups = self._length_groups(inputs)
+        features = self._image_features(inputs)
         if groups is None:
-            pooled, routings = self._pool_rows(inputs)
+            pooled, routings = self._pool_rows(inputs, features)
         else:
             parts = [
-                self._pool_rows(take_rows(inputs, rows, groups.image_counts))
+                self._pool_rows(
+                    take_rows(inputs, rows, groups.image_counts),
+                    None
+                    if features is None
+                    else [features[i] for i in images_of_rows(groups.image_counts, rows)],
+                )
                 for rows in groups.rows
             ]
             order = torch.tensor(
@@ -344,12 +471,41 @@ class Moon2Model(nn.Module):
         gates = sample_gates(routings) if routings else None
         return Encoded(embeddings, gates, routings)
 
-    def _pool_rows(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[Routing]]:
-        """One backbone call: pooled hidden states [B, H] (float32) and the MoE routings."""
+    def _image_features(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
+        """Each image's vision-tower output (its decoder-token features), computed in one call
+        for the whole batch and once per distinct photo (see :func:`distinct_images`); takes
+        ``pixel_values`` out of ``inputs``. None (and ``inputs`` untouched) when the backbone
+        cannot take precomputed image features."""
+        if "pixel_values" not in inputs or "image_grid_thw" not in inputs:
+            return None
+        if self._takes_features is None:
+            self._takes_features = takes_encoder_outputs(self.backbone)
+        if not self._takes_features:
+            return None
+        pixel_values, grid = inputs.pop("pixel_values"), inputs["image_grid_thw"]
+        first = distinct_images(pixel_values, grid)
+        distinct = sorted(set(first))
+        chunks = pixel_values.split(grid.prod(-1).tolist())
+        outputs = self.backbone.get_image_features(
+            torch.cat([chunks[i] for i in distinct]), grid[distinct], return_dict=True
+        )
+        computed = dict(zip(distinct, outputs.pooler_output, strict=True))
+        return [computed[i] for i in first]
+
+    def _pool_rows(
+        self, inputs: dict[str, torch.Tensor], image_features: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[Routing]]:
+        """One backbone call: pooled hidden states [B, H] (float32) and the MoE routings;
+        ``image_features`` are the rows' images' vision-tower outputs when computed already."""
         mask = inputs["attention_mask"]
         for layer in self.moe_layers:
             layer.token_mask = mask
             layer.last_routing = None
+        if image_features:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            vision = BaseModelOutputWithPooling(pooler_output=tuple(image_features))
+            inputs = {**inputs, "mm_encoder_outputs": {"image": vision}}
         outputs = self.backbone(**inputs)
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
         pool_mask = mask
