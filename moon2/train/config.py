@@ -31,7 +31,7 @@ class TinyBackboneConfig(Config):
         "vision tower a finer grid at the same resolution, at the cost of more vision tokens. "
         "7 with spatial_merge 4 keeps Qwen2-VL's 28-px decoder token (16 per 112-px photo) on "
         "a 4x finer grid: on the synthetic benchmark i2mm R@10 went from 51.6-55.7 (14 / 2, three "
-        "seeds) to 65.2 at 9 epochs (seed 0), at ~1.6x the step's compute.",
+        "seeds) to 57.0-65.2 at 9 epochs (two seeds), at ~1.6x the step's compute.",
     )
     spatial_merge: int = Field(
         4,

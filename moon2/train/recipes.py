@@ -15,8 +15,8 @@ def recipes() -> dict[str, tuple[TrainConfig, str]]:
         "tiny-cpu": (
             tiny_cpu(),
             "moon2 train recipe: a tiny random-init Qwen2-VL on CPU (the default).\n"
-            "9 epochs on the train split of the 2,000-product synthetic catalog took 602.5 s\n"
-            "on 2 CPU cores (8 epochs: 530.5 s).\n"
+            "9 epochs on the train split of the 2,000-product synthetic catalog took\n"
+            "600.1-602.5 s on 2 CPU cores (two seeds; 8 epochs: 530.5 s).\n"
             "Usage: moon2 train BENCH/train runs/tiny --config configs/train/tiny-cpu.yaml",
         ),
         "qwen2vl-2b-gpu": (
