@@ -170,7 +170,7 @@ def mrope_positions(
     is_image = (input_ids == image_token_id) & mask
     advance = (mask & ~is_image).long()
     image_flat = is_image.flatten().nonzero().squeeze(1)
-    offsets = within = None
+    within = None  # each image token's (t, h, w) place on its image's grid
     if len(image_flat):
         if image_grid_thw is None:
             raise ValueError("image tokens without image_grid_thw")
@@ -186,9 +186,7 @@ def mrope_positions(
         within = torch.stack([index // area, (index // row_width) % rows, index % row_width])
         last_token = image_flat[first + tokens - 1]
         advance.view(-1).index_add_(0, last_token, torch.maximum(height, width))
-        offsets = image_flat
     start = (advance.cumsum(-1) - advance).unsqueeze(0).repeat(3, 1, 1)
-    if offsets is not None:
-        flat = start.view(3, -1)
-        flat[:, offsets] += within
+    if within is not None:
+        start.view(3, -1)[:, image_flat] += within
     return start * mask

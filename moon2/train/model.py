@@ -148,7 +148,7 @@ def _grouped_vision_attention(
 def use_grouped_vision_attention(backbone: nn.Module) -> int:
     """Give the backbone's Qwen2-VL vision attention modules :func:`_grouped_vision_attention`
     (same weights, same results) unless a flash-attention kernel (already one call) serves
-    them. Returns how many were changed."""
+    them or they drop attention weights out. Returns how many were changed."""
     try:
         from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionAttention
     except ImportError:  # pragma: no cover - transformers without Qwen2-VL
@@ -157,11 +157,11 @@ def use_grouped_vision_attention(backbone: nn.Module) -> int:
 
     changed = 0
     for module in backbone.modules():
-        if type(module) is VisionAttention and "flash" not in str(
-            module.config._attn_implementation
+        if (
+            type(module) is VisionAttention
+            and "flash" not in str(module.config._attn_implementation)
+            and not module.attention_dropout
         ):
-            if module.attention_dropout:
-                continue
             module.forward = types.MethodType(_grouped_vision_attention, module)
             changed += 1
     return changed
