@@ -112,10 +112,11 @@ class Harness:
             times.append(time.perf_counter() - started)
         return statistics.median(times)
 
-    def data_seconds(self, batches: int, cache_mb: int) -> float:
+    def data_seconds(self, batches: int, cache_mb: int, pixel_cache_mb: int = 0) -> float:
         """Data-worker time per batch (samples + collate) as the trainer's dataset does it, in a
-        second epoch (so a cache is warm), with ``cache_mb`` of decoded photos."""
-        from moon2.train.data import TripletDataset
+        third epoch (so the caches are warm: a processed photo is kept when seen twice), with
+        ``cache_mb`` of decoded photos and ``pixel_cache_mb`` of processed ones."""
+        from moon2.train.data import Collator, TripletDataset
 
         config = self.config
         data_config = config.data.model_copy(update={"image_cache_mb": cache_mb})
@@ -125,13 +126,21 @@ class Harness:
             config.seed,
             intra_products=config.loss.intra_products if config.loss.intra else "none",
         )
+        collator = Collator(
+            self.collator.processor,
+            config.model,
+            intra=config.loss.intra,
+            intra_products=config.loss.intra_products,
+            pixel_cache_mb=pixel_cache_mb,
+        )
         size = self.batch_size
-        keys = [[(0, i) for i in range(b * size, (b + 1) * size)] for b in range(batches)]
-        for batch in keys:  # epoch 0 fills the cache
-            self.collator([dataset[k] for k in batch])
+        positions = [range(b * size, (b + 1) * size) for b in range(batches)]
+        for epoch in (0, 1):  # fill the caches
+            for batch in positions:
+                collator([dataset[(epoch, i)] for i in batch])
         started = time.perf_counter()
-        for batch in keys:
-            self.collator([dataset[(1, i)] for _, i in batch])
+        for batch in positions:
+            collator([dataset[(2, i)] for i in batch])
         return (time.perf_counter() - started) / batches
 
     def flops_per_step(self) -> int:
@@ -225,6 +234,17 @@ def measure_single(data: Path, args: argparse.Namespace) -> dict[str, Any]:
     bookkeeping = moe.bookkeeping_seconds(args.steps)
     data_cold = moe.data_seconds(args.batches, cache_mb=0)
     data_cached = moe.data_seconds(args.batches, cache_mb=config.data.image_cache_mb)
+    data_pixels = moe.data_seconds(
+        args.batches, cache_mb=config.data.image_cache_mb, pixel_cache_mb=config.data.pixel_cache_mb
+    )
+    from moon2.train import inputs as inputs_module
+
+    vectorised = inputs_module._returns_token_types
+    inputs_module._returns_token_types = lambda processor: False  # the processor's row loop
+    data_processor_types = moe.data_seconds(
+        args.batches, cache_mb=config.data.image_cache_mb, pixel_cache_mb=config.data.pixel_cache_mb
+    )
+    inputs_module._returns_token_types = vectorised
     return {
         "threads": torch.get_num_threads(),
         "batch_size": moe.batch_size,
@@ -244,6 +264,9 @@ def measure_single(data: Path, args: argparse.Namespace) -> dict[str, Any]:
         "data_s_per_batch_no_cache": round(data_cold, 4),
         "data_s_per_batch_cached": round(data_cached, 4),
         "photo_cache_speedup": round(data_cold / data_cached, 3),
+        "data_s_per_batch_pixel_cached": round(data_pixels, 4),
+        "pixel_cache_speedup": round(data_cached / data_pixels, 3),
+        "vectorised_token_types_speedup": round(data_processor_types / data_pixels, 3),
         "rope_index_step_s": round(rope_index_s, 4),
         "vectorised_mrope_speedup": round(rope_index_s / moe_s, 3),
         "per_call_vision_step_s": round(per_call_vision_s, 4),

@@ -402,6 +402,46 @@ def test_random_view_replaces_a_plain_background_only() -> None:
     )
 
 
+def _view_in_three_passes(photo: Image.Image, flip: bool, size, left, top, angle) -> Image.Image:
+    """The geometry of a random view done the plain way: mirror, resize, paste, rotate."""
+    fill = (235, 235, 235)
+    layer = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else photo
+    canvas = Image.new("RGB", photo.size, fill)
+    canvas.paste(layer.resize(size, Image.Resampling.BILINEAR), (left, top))
+    return canvas.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=fill)
+
+
+@pytest.mark.parametrize(
+    ("flip", "scale", "left", "top", "angle"),
+    [(False, 1.0, 0, 0, 0.0), (True, 0.75, 5, -3, 20.0), (False, 0.8, -4, 6, -25.0)],
+)
+def test_view_matrix_moves_the_photo_like_mirror_resize_paste_rotate(
+    flip: bool, scale: float, left: int, top: int, angle: float
+) -> None:
+    import numpy as np
+
+    from moon2.data.images import _view_matrix
+
+    photo = _product_photo()
+    width, height = photo.size
+    size = (round(width * scale), round(height * scale))
+    left += (width - size[0]) // 2
+    top += (height - size[1]) // 2
+    one_pass = photo.transform(
+        photo.size,
+        Image.Transform.AFFINE,
+        _view_matrix(width, height, size, left, top, angle, flip),
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=(235, 235, 235),
+    )
+    expected = np.asarray(_view_in_three_passes(photo, flip, size, left, top, angle), float)
+    difference = np.abs(np.asarray(one_pass, float) - expected)
+    # the same placement up to resampling: a misplaced product differs by ~200 on its edges
+    assert difference.mean() < 4 and np.quantile(difference, 0.99) < 120
+    if scale == 1.0 and not angle and not left and not top:
+        assert one_pass.tobytes() == photo.tobytes()
+
+
 def test_random_view_accepts_transparent_and_tiny_images() -> None:
     rgba = Image.new("RGBA", (5, 3), (0, 0, 255, 0))
     view = random_view(rgba, random.Random(0))
@@ -442,3 +482,23 @@ def test_image_cache_keeps_the_recently_used_within_its_byte_budget() -> None:
     nothing.get("a", make("a2", 1))
     nothing.get("a", make("a2", 1))
     assert made[-2:] == ["a2", "a2"] and len(nothing) == 0
+
+
+def test_image_cache_finds_and_puts_tensors_by_their_bytes() -> None:
+    import torch
+
+    from moon2.data.images import MISSING, ImageCache
+
+    rows = torch.zeros(100, 10)  # 4,000 bytes
+    cache = ImageCache(max_bytes=9_000)
+    assert cache.find("a") is MISSING
+    cache.put("a", (rows, torch.tensor([1, 10, 10])))
+    assert cache.find("a")[0] is rows
+    assert 4_000 < cache.bytes < 4_500
+    cache.put("b", (rows.clone(), None))
+    cache.put("c", (rows.clone(), None))  # over budget: "a" is the least recently used
+    assert cache.find("a") is MISSING and cache.find("b") is not MISSING
+    cache.put("b", (rows[:10].clone(), None))  # replacing a key frees its old bytes
+    assert len(cache) == 2 and cache.bytes < 5_000
+    cache.put("too big", torch.zeros(10_000))
+    assert cache.find("too big") is MISSING

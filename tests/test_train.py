@@ -153,6 +153,123 @@ def test_texts_are_cut_on_their_own_tokens_and_stay_with_their_items() -> None:
     assert short in rows[2] and short not in rows[1]
 
 
+def test_truncation_cache_gives_the_same_texts_and_skips_the_tokenizer() -> None:
+    from moon2.train.inputs import truncate_texts
+
+    _, processor = build_backbone(tiny_config().model, seed=0)
+    texts = ["wireless over-ear headphones with a carrying case " * 3, "red tee", "red tee"]
+    expected = truncate_texts(processor.tokenizer, texts, 8)
+    calls: list[list[str]] = []
+
+    class Counting:
+        def __call__(self, batch: list[str], **kwargs):
+            calls.append(list(batch))
+            return processor.tokenizer(batch, **kwargs)
+
+        def decode(self, tokens):
+            return processor.tokenizer.decode(tokens)
+
+    counting = Counting()
+    cache: dict[str, str] = {}
+    assert truncate_texts(counting, texts, 8, cache) == expected
+    assert calls == [texts[:2]]  # each distinct text tokenised once
+    assert truncate_texts(counting, [texts[1], texts[0]], 8, cache) == expected[1::-1]
+    assert len(calls) == 1
+
+
+def test_token_types_are_the_processors_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moon2.train import inputs as inputs_module
+
+    _, processor = build_backbone(tiny_config().model, seed=0)
+    assert inputs_module._returns_token_types(processor)  # transformers >= 5
+    ours = build_inputs(processor, _items(), 24)
+    monkeypatch.setattr(inputs_module, "_returns_token_types", lambda processor: False)
+    theirs = build_inputs(processor, _items(), 24)
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert set(ours["mm_token_type_ids"].unique().tolist()) == {0, 1}
+
+
+def _photos(seed: int, count: int) -> list:
+    from PIL import Image
+
+    generator = np.random.default_rng(seed)
+    return [
+        Image.fromarray(generator.integers(0, 255, (40 + 8 * (i % 2), 44, 3), dtype=np.uint8))
+        for i in range(count)
+    ]
+
+
+def test_pixel_cache_serves_the_processors_output_and_keeps_photos_seen_twice() -> None:
+    import pickle
+
+    from PIL import Image
+
+    from moon2.train.inputs import CachedImageProcessor, with_pixel_cache
+
+    _, processor = build_backbone(tiny_config().model, seed=0)
+    cached = with_pixel_cache(processor, 64 << 20)
+    assert isinstance(cached.image_processor, CachedImageProcessor)
+    assert not isinstance(processor.image_processor, CachedImageProcessor)  # saved as before
+    catalog = _photos(0, 4)
+    array = np.asarray(_photos(1, 1)[0])
+    store = cached.image_processor.cache
+    for round_ in range(3):
+        fresh = _photos(100 + round_, 2)  # a random view: new every round
+        items = [
+            EncodeItem(text="red tee", images=[catalog[0]]),
+            EncodeItem(images=[fresh[0]]),
+            EncodeItem(text="mug", images=[catalog[1], catalog[0]]),  # catalog[0] twice
+            EncodeItem(images=[catalog[2 + round_ % 2]]),
+            EncodeItem(images=[array]),
+            EncodeItem(text="only text"),
+            EncodeItem(images=[fresh[1]]),
+        ]
+        got = build_inputs(cached, items, 24)
+        expected = build_inputs(processor, items, 24)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), (round_, key)
+        # kept: photos seen twice (in two batches or twice in one); never the fresh views
+        assert len(store) == [1, 3, 4][round_]
+    assert store.hits > 0
+    copy = pickle.loads(pickle.dumps(cached))  # DataLoader workers get a pickled collator
+    again = build_inputs(copy, [EncodeItem(images=[catalog[0]])], 24)
+    assert torch.equal(
+        again["pixel_values"],
+        build_inputs(processor, [EncodeItem(images=[catalog[0]])], 24)["pixel_values"],
+    )
+    assert with_pixel_cache(processor, 0) is processor
+    # palette photos with the same indices but other colours are different photos
+    red, blue = (Image.new("P", (40, 40), 0) for _ in range(2))
+    red.putpalette([220, 20, 20] * 256)
+    blue.putpalette([20, 20, 220] * 256)
+    for photo in (red, blue, red, blue):
+        got = build_inputs(cached, [EncodeItem(images=[photo])], 24)["pixel_values"]
+        expected = build_inputs(processor, [EncodeItem(images=[photo])], 24)["pixel_values"]
+        assert torch.equal(got, expected)
+
+
+def test_pixel_cache_passes_through_outputs_it_cannot_split() -> None:
+    from transformers import BatchFeature
+
+    from moon2.train.inputs import CachedImageProcessor
+
+    calls: list[int] = []
+
+    def inner(images, **kwargs):
+        calls.append(len(images))
+        return BatchFeature({"pixel_values": torch.ones(len(images), 3), "image_sizes": [1]})
+
+    cached = CachedImageProcessor(inner, 1 << 20)
+    photos = _photos(0, 2)
+    for _ in range(3):
+        output = cached(photos)
+        assert set(output.keys()) == {"pixel_values", "image_sizes"}
+    assert calls == [2, 2, 2] and len(cached.cache) == 0
+
+
 def test_cached_chat_template_renders_like_the_template() -> None:
     from moon2.train.inputs import _prompt, _render
 

@@ -9,6 +9,7 @@ of the Parquet file that holds the cell), a ``file://`` URI, or a remote URI (``
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 import warnings
@@ -201,29 +202,50 @@ class ImageCache:
     def get(self, key: Any, make: Any) -> Any:
         """The value cached under ``key``, else ``make()`` (cached when it fits; exceptions
         propagate and nothing is cached)."""
+        found = self.find(key)
+        if found is not MISSING:
+            return found
+        value = make()
+        self.put(key, value)
+        return value
+
+    def find(self, key: Any) -> Any:
+        """The value cached under ``key`` (now the most recently used), else :data:`MISSING`."""
         if key in self._items:
             self._items.move_to_end(key)
             self.hits += 1
             return self._items[key][0]
         self.misses += 1
-        value = make()
+        return MISSING
+
+    def put(self, key: Any, value: Any) -> None:
+        """Keep ``value`` under ``key`` when it fits, dropping the least recently used."""
         size = _pixel_bytes(value)
-        if size <= self.max_bytes:
-            self._items[key] = (value, size)
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, (_, dropped) = self._items.popitem(last=False)
-                self.bytes -= dropped
-        return value
+        if size > self.max_bytes:
+            return
+        if key in self._items:
+            self.bytes -= self._items.pop(key)[1]
+        self._items[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self.bytes -= dropped
 
     def __len__(self) -> int:
         return len(self._items)
 
 
+MISSING = object()
+"""What :meth:`ImageCache.find` returns for a key it does not hold."""
+
+
 def _pixel_bytes(value: Any) -> int:
     if isinstance(value, Image.Image):
         return value.width * value.height * len(value.getbands())
-    return 64  # None (no matte) and small values
+    if isinstance(value, tuple | list):
+        return 64 + sum(_pixel_bytes(part) for part in value)
+    nbytes = getattr(value, "nbytes", None)  # numpy arrays and torch tensors
+    return 64 + int(nbytes) if isinstance(nbytes, int) else 64  # None (no matte), small values
 
 
 def encode_image(
@@ -369,23 +391,31 @@ def random_view(
     width, height = image.size
     fill = border_color(image)
     matte = (matte_of or product_matte)(image) if rng.random() < background_probability else None
-    layers = [(image, fill)] if matte is None else [(image, fill), (matte, 0)]
     flip = rng.random() < 0.5
     scale = rng.uniform(min_scale, 1.0)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     left = round((width - size[0]) / 2 + rng.uniform(-max_shift, max_shift) * width)
     top = round((height - size[1]) / 2 + rng.uniform(-max_shift, max_shift) * height)
     angle = rng.uniform(-max_rotation, max_rotation)
-    moved = []
-    for layer, background in layers:  # the photo and its matte move together
-        if flip:
-            layer = layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        canvas = Image.new(layer.mode, (width, height), background)
-        canvas.paste(layer.resize(size, Image.Resampling.BILINEAR), (left, top))
-        moved.append(canvas.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=background))
-    canvas = moved[0]
+    # flip, scale, shift and rotation as one affine resampling, the photo and its matte moved
+    # together as one RGBA image: one pass instead of three per layer (a third of the cost)
+    layer, background = image, fill
     if matte is not None:
-        canvas = Image.composite(canvas, random_background(width, height, rng), moved[1])
+        layer = image.convert("RGBA")
+        layer.putalpha(matte)
+        background = (*fill, 0)
+    moved = layer.transform(
+        (width, height),
+        Image.Transform.AFFINE,
+        _view_matrix(width, height, size, left, top, angle, flip),
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=background,
+    )
+    canvas = moved.convert("RGB") if matte is not None else moved
+    if matte is not None:
+        canvas = Image.composite(
+            canvas, random_background(width, height, rng), moved.getchannel("A")
+        )
     if max_brightness:
         canvas = ImageEnhance.Brightness(canvas).enhance(
             rng.uniform(1 - max_brightness, 1 + max_brightness)
@@ -395,3 +425,31 @@ def random_view(
         if radius > 0.2:
             canvas = canvas.filter(ImageFilter.GaussianBlur(radius))
     return canvas
+
+
+def _view_matrix(
+    width: int,
+    height: int,
+    size: tuple[int, int],
+    left: int,
+    top: int,
+    angle: float,
+    flip: bool,
+) -> tuple[float, ...]:
+    """PIL's affine data (output pixel -> source pixel) of: mirror (``flip``), scale the photo
+    to ``size``, place it at (``left``, ``top``) of a ``width`` x ``height`` frame, and rotate
+    the frame ``angle`` degrees counter-clockwise about its centre (as ``Image.rotate``)."""
+    radians = -math.radians(angle % 360.0)
+    cos, sin = math.cos(radians), math.sin(radians)
+    centre_x, centre_y = width / 2.0, height / 2.0
+    # output -> frame (Image.rotate's matrix)
+    a, b, d, e = cos, sin, -sin, cos
+    c = a * -centre_x + b * -centre_y + centre_x
+    f = d * -centre_x + e * -centre_y + centre_y
+    # frame -> photo
+    scale_x, scale_y = width / size[0], height / size[1]
+    row_x = (scale_x * a, scale_x * b, scale_x * (c - left))
+    row_y = (scale_y * d, scale_y * e, scale_y * (f - top))
+    if flip:
+        row_x = (-row_x[0], -row_x[1], width - row_x[2])
+    return (*row_x, *row_y)

@@ -38,7 +38,7 @@ from moon2.data.schema import PRODUCTS, QUERIES
 from moon2.errors import ImageDecodeError, InputError
 from moon2.models.base import EncodeItem
 from moon2.train.config import DataConfig, ModelConfig
-from moon2.train.inputs import build_inputs
+from moon2.train.inputs import build_inputs, with_pixel_cache
 
 VIEWS: tuple[str, ...] = ("t2mm", "i2mm", "mm2mm")
 
@@ -410,7 +410,12 @@ class Batch:
 
 
 class Collator:
-    """Builds a :class:`Batch`: de-duplicated candidates, one processor call for the step."""
+    """Builds a :class:`Batch`: de-duplicated candidates, one processor call for the step.
+
+    Processed photos (``pixel_cache_mb``) and truncated texts are remembered from one epoch to
+    the next: in a DataLoader worker that would otherwise redo them, the work competes with
+    the training step for the same cores.
+    """
 
     def __init__(
         self,
@@ -418,8 +423,10 @@ class Collator:
         model_config: ModelConfig,
         intra: bool,
         intra_products: str = "positives",
+        pixel_cache_mb: int = 0,
     ) -> None:
-        self.processor = processor
+        self.processor = with_pixel_cache(processor, pixel_cache_mb << 20)
+        self.texts: dict[str, str] = {}
         self.max_text_tokens = model_config.max_text_tokens
         self.intra = intra
         self.intra_products = intra_products
@@ -479,7 +486,7 @@ class Collator:
         return Batch(
             positions=[s["position"] for s in samples],
             query_ids=[s["query_id"] for s in samples],
-            inputs=build_inputs(self.processor, flat, self.max_text_tokens),
+            inputs=build_inputs(self.processor, flat, self.max_text_tokens, self.texts),
             groups=groups,
             view_rows=view_rows,
             candidate_ids=candidate_ids,

@@ -293,7 +293,11 @@ def train(
         if is_main:
             progress.info(f"resuming from {checkpoint.name} (epoch {start_epoch}, update {update})")
     collator = Collator(
-        processor, config.model, intra=config.loss.intra, intra_products=config.loss.intra_products
+        processor,
+        config.model,
+        intra=config.loss.intra,
+        intra_products=config.loss.intra_products,
+        pixel_cache_mb=config.data.pixel_cache_mb,
     )
     metrics_path = out / "metrics.jsonl"
     if is_main and checkpoint is None and metrics_path.exists():
