@@ -19,6 +19,7 @@ per step come from ``torch.utils.flop_counter`` (forward + backward of one step)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -230,6 +231,13 @@ def measure_single(data: Path, args: argparse.Namespace) -> dict[str, Any]:
         del module.forward
     per_image_attention_s = moe.step_seconds(args.steps, args.warmup)
     use_grouped_vision_attention(model.backbone)
+    from moon2.train import model as model_module
+
+    shared_lookup = model_module.one_token_lookup
+    # each bucket's backbone call does its own token-embedding lookup
+    model_module.one_token_lookup = lambda embedding, input_ids: contextlib.nullcontext()
+    per_call_lookup_s = moe.step_seconds(args.steps, args.warmup)
+    model_module.one_token_lookup = shared_lookup
     flops = moe.flops_per_step()
     bookkeeping = moe.bookkeeping_seconds(args.steps)
     data_cold = moe.data_seconds(args.batches, cache_mb=0)
@@ -273,6 +281,8 @@ def measure_single(data: Path, args: argparse.Namespace) -> dict[str, Any]:
         "shared_vision_speedup": round(per_call_vision_s / moe_s, 3),
         "per_image_attention_step_s": round(per_image_attention_s, 4),
         "grouped_vision_attention_speedup": round(per_image_attention_s / moe_s, 3),
+        "per_call_lookup_step_s": round(per_call_lookup_s, 4),
+        "one_token_lookup_speedup": round(per_call_lookup_s / moe_s, 3),
     }
 
 

@@ -131,6 +131,37 @@ def test_bucketed_forward_equals_one_padded_call(monkeypatch: pytest.MonkeyPatch
         torch.testing.assert_close(many[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_one_token_lookup_serves_every_call_from_one_table() -> None:
+    from moon2.train.model import one_token_lookup
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(50, 4)
+    ids = torch.tensor([[3, 7, 7, 0], [9, 3, 1, 0], [49, 2, 3, 0]])
+    parts = (ids[:2, :3], ids[2:, :2], ids[:, 1:])  # slices, as length buckets take them
+    expected = [embedding(part) for part in parts]
+    sum((e * torch.arange(4.0)).sum() for e in expected).backward()
+    dense_grad, embedding.weight.grad = embedding.weight.grad.clone(), None
+    original_calls = []
+    embedding.register_forward_hook(lambda module, args, output: original_calls.append(args))
+    with one_token_lookup(embedding, ids):
+        assert len(original_calls) == 1  # the table: the batch's distinct tokens, once
+        got = [embedding(part) for part in parts]
+    assert "forward" not in vars(embedding)  # restored
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    sum((g * torch.arange(4.0)).sum() for g in got).backward()
+    torch.testing.assert_close(embedding.weight.grad, dense_grad)
+
+    class Scaled(torch.nn.Embedding):  # a subclass may change forward: left alone
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(input_ids) * 2
+
+    scaled = Scaled(50, 4)
+    with one_token_lookup(scaled, ids):
+        torch.testing.assert_close(scaled(ids), torch.nn.Embedding.forward(scaled, ids) * 2)
+    assert "forward" not in vars(scaled)
+
+
 def test_left_padded_inputs_are_not_split() -> None:
     config = tiny_config()
     backbone, processor = build_backbone(config.model, seed=1)

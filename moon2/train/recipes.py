@@ -16,7 +16,8 @@ def recipes() -> dict[str, tuple[TrainConfig, str]]:
             tiny_cpu(),
             "moon2 train recipe: a tiny random-init Qwen2-VL on CPU (the default).\n"
             "9 epochs on the train split of the 2,000-product synthetic catalog took\n"
-            "565.3-570.4 s on 2 CPU cores (three seeds; test i2mm R@10 61.1-61.9 %).\n"
+            "565-622 s on 2 CPU cores (six runs, three seeds; the machine's speed drifted\n"
+            "~20 % between them); test i2mm R@10 61.1-66.0 %.\n"
             "Usage: moon2 train BENCH/train runs/tiny --config configs/train/tiny-cpu.yaml",
         ),
         "qwen2vl-2b-gpu": (
