@@ -397,8 +397,8 @@ def random_view(
     left = round((width - size[0]) / 2 + rng.uniform(-max_shift, max_shift) * width)
     top = round((height - size[1]) / 2 + rng.uniform(-max_shift, max_shift) * height)
     angle = rng.uniform(-max_rotation, max_rotation)
-    # flip, scale, shift and rotation as one affine resampling, the photo and its matte moved
-    # together as one RGBA image: one pass instead of three per layer (a third of the cost)
+    # flip, scale, shift and rotation as one affine resampling instead of a resize, a paste
+    # and a rotation, with the photo and its matte moved together as one RGBA image
     layer, background = image, fill
     if matte is not None:
         layer = image.convert("RGBA")
@@ -411,10 +411,10 @@ def random_view(
         resample=Image.Resampling.BILINEAR,
         fillcolor=background,
     )
-    canvas = moved.convert("RGB") if matte is not None else moved
+    canvas = moved
     if matte is not None:
         canvas = Image.composite(
-            canvas, random_background(width, height, rng), moved.getchannel("A")
+            moved.convert("RGB"), random_background(width, height, rng), moved.getchannel("A")
         )
     if max_brightness:
         canvas = ImageEnhance.Brightness(canvas).enhance(

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from moon2.data.images import MISSING, ImageCache
 from moon2.models.base import EncodeItem
@@ -262,8 +263,6 @@ def _per_photo(output: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _photo_digest(image: Any, context: bytes) -> bytes | None:
     """A hash of a photo's pixels (PIL image or array) and the call's options; None for
     anything else (processed, never cached)."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         header = f"{image.mode}:{image.size}".encode()
         data = image.tobytes()

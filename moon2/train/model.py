@@ -305,10 +305,17 @@ def one_token_lookup(embedding: nn.Module, input_ids: torch.Tensor) -> Iterator[
     """While active, ``embedding`` looks its rows up in one table gathered for ``input_ids``
     (the whole batch), so several backbone calls on parts of the batch (length buckets) cost
     one lookup: its gradient is one dense vocabulary x hidden matrix, not one per call (three
-    zero-filled 49k x 128 matrices and their sums; x1.045 tiny-cpu step speed). A plain
-    ``nn.Embedding`` only (no ``max_norm``); anything else is left alone."""
-    plain = type(embedding) is nn.Embedding and embedding.max_norm is None
-    if not plain or "forward" in vars(embedding):
+    zero-filled 49k x 128 matrices and their sums; x1.045 tiny-cpu step speed). Only for a
+    plain ``nn.Embedding`` (no ``max_norm``) that is being trained, while gradients are taken;
+    anything else is left alone."""
+    applies = (
+        type(embedding) is nn.Embedding
+        and embedding.max_norm is None
+        and embedding.weight.requires_grad
+        and torch.is_grad_enabled()
+        and "forward" not in vars(embedding)
+    )
+    if not applies:
         yield
         return
     tokens = torch.unique(input_ids)
@@ -466,14 +473,7 @@ class Moon2Model(nn.Module):
         if groups is None:
             pooled, routings = self._pool_rows(inputs, features)
         else:
-            embedding = self.backbone.get_input_embeddings()
-            weight = getattr(embedding, "weight", None)
-            shared = torch.is_grad_enabled() and getattr(weight, "requires_grad", False)
-            with (
-                one_token_lookup(embedding, inputs["input_ids"])
-                if shared
-                else contextlib.nullcontext()
-            ):
+            with one_token_lookup(self.backbone.get_input_embeddings(), inputs["input_ids"]):
                 parts = [
                     self._pool_rows(
                         take_rows(inputs, rows, groups.image_counts),
