@@ -2,7 +2,8 @@
 peak, MoE vs dense at equal active parameters, score-table bookkeeping, length-bucketed vs one
 padded forward, multimodal RoPE positions vectorised vs transformers' row loop, the vision
 tower once per distinct photo vs in every backbone call, vision attention grouped by image
-size vs one call per image, the data worker with and without its decoded-photo cache, DDP 2
+size vs one call per image, photos ordered by size vs batch order, quick GELU as one SiLU vs
+transformers' three passes, the data worker with and without its decoded-photo cache, DDP 2
 vs 1 process.
 
 Everything is measured in one run on the same batches, and reported as ratios against a
@@ -238,6 +239,23 @@ def measure_single(data: Path, args: argparse.Namespace) -> dict[str, Any]:
     model_module.one_token_lookup = lambda embedding, input_ids: contextlib.nullcontext()
     per_call_lookup_s = moe.step_seconds(args.steps, args.warmup)
     model_module.one_token_lookup = shared_lookup
+    sorted_order = model_module.vision_order
+    # photos in batch order: a grouped attention call per run of equal sizes, not per size
+    model_module.vision_order = lambda first, patches: sorted(set(first))
+    batch_order_s = moe.step_seconds(args.steps, args.warmup)
+    model_module.vision_order = sorted_order
+    from transformers.activations import QuickGELUActivation
+
+    swapped = [
+        (parent, name)
+        for parent in model.backbone.modules()
+        for name, child in parent.named_children()
+        if type(child) is model_module.SiLUQuickGELU
+    ]
+    for parent, name in swapped:  # transformers' x * sigmoid(1.702 x)
+        setattr(parent, name, QuickGELUActivation())
+    quick_gelu_s = moe.step_seconds(args.steps, args.warmup)
+    model_module.use_silu_quick_gelu(model.backbone)
     flops = moe.flops_per_step()
     bookkeeping = moe.bookkeeping_seconds(args.steps)
     data_cold = moe.data_seconds(args.batches, cache_mb=0)
@@ -283,6 +301,10 @@ def measure_single(data: Path, args: argparse.Namespace) -> dict[str, Any]:
         "grouped_vision_attention_speedup": round(per_image_attention_s / moe_s, 3),
         "per_call_lookup_step_s": round(per_call_lookup_s, 4),
         "one_token_lookup_speedup": round(per_call_lookup_s / moe_s, 3),
+        "batch_order_vision_step_s": round(batch_order_s, 4),
+        "size_ordered_vision_speedup": round(batch_order_s / moe_s, 3),
+        "quick_gelu_step_s": round(quick_gelu_s, 4),
+        "silu_quick_gelu_speedup": round(quick_gelu_s / moe_s, 3),
     }
 
 

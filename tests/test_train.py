@@ -251,6 +251,83 @@ def test_pixel_cache_serves_the_processors_output_and_keeps_photos_seen_twice() 
         assert torch.equal(got, expected)
 
 
+def test_pixel_cache_neither_hashes_nor_keeps_one_off_photos(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from moon2.train import inputs as inputs_module
+    from moon2.train.inputs import one_off, with_pixel_cache
+
+    _, processor = build_backbone(tiny_config().model, seed=0)
+    cached = with_pixel_cache(processor, 64 << 20)
+    hashed: list[object] = []
+    digest = inputs_module._photo_digest
+    monkeypatch.setattr(
+        inputs_module,
+        "_photo_digest",
+        lambda image, context: hashed.append(image) or digest(image, context),
+    )
+    view, photo = one_off(_photos(3, 1)[0]), _photos(4, 1)[0]
+    for _ in range(3):  # a one-off photo seen again is still processed, never kept
+        items = [EncodeItem(images=[view]), EncodeItem(text="tee", images=[photo])]
+        got = build_inputs(cached, items, 24)
+        expected = build_inputs(processor, items, 24)
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+    assert len(cached.image_processor.cache) == 1  # the plain photo, seen twice
+    assert hashed.count(photo) == 3 and hashed.count(view) == 3
+    assert digest(view, b"") is None and digest(photo, b"") is not None
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_token_cache_gives_the_tokenizers_ids(side: str) -> None:
+    import copy
+    import pickle
+
+    from moon2.train.inputs import CachedTokenizer, with_token_cache
+
+    _, processor = build_backbone(tiny_config().model, seed=0)
+    processor = copy.copy(processor)
+    processor.tokenizer = copy.deepcopy(processor.tokenizer)
+    processor.tokenizer.padding_side = side
+    cached = with_token_cache(processor)
+    assert isinstance(cached.tokenizer, CachedTokenizer)
+    assert not isinstance(processor.tokenizer, CachedTokenizer)
+    photos = _photos(5, 2)
+    rounds = [
+        [EncodeItem(text="red tee"), EncodeItem(text="mug", images=[photos[0]])],
+        [
+            EncodeItem(text="mug", images=[photos[0]]),  # seen before
+            EncodeItem(text="une tasse à café, très longue " * 3, images=[photos[1]]),
+            EncodeItem(images=[photos[1]]),
+            EncodeItem(text="red tee"),
+            EncodeItem(text="red tee"),  # twice in one batch
+        ],
+    ]
+    for items in rounds + rounds:
+        got = build_inputs(cached, items, 24)
+        expected = build_inputs(processor, items, 24)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+    assert len(cached.tokenizer._ids) == 4  # distinct prompts
+    copy_ = pickle.loads(pickle.dumps(cached))  # DataLoader workers get a pickled collator
+    got = build_inputs(copy_, rounds[1], 24)
+    assert torch.equal(got["input_ids"], build_inputs(processor, rounds[1], 24)["input_ids"])
+    # other calls go to the tokenizer itself
+    assert (
+        cached.tokenizer(["red tee"], add_special_tokens=False)["input_ids"]
+        == (processor.tokenizer(["red tee"], add_special_tokens=False)["input_ids"])
+    )
+    small = CachedTokenizer(processor.tokenizer, max_entries=2)
+    for prompt in ("a", "b", "c", "a"):
+        out = small([prompt, "b"], padding=True, return_tensors="pt")
+        assert torch.equal(
+            out["input_ids"],
+            processor.tokenizer([prompt, "b"], padding=True, return_tensors="pt")["input_ids"],
+        )
+        assert len(small._ids) <= 2
+
+
 def test_pixel_cache_passes_through_outputs_it_cannot_split() -> None:
     from transformers import BatchFeature
 
@@ -898,12 +975,19 @@ def test_patchwise_conv_equals_the_patch_embedding_convolution() -> None:
     assert use_patchwise_matmul(backbone) == 1  # Qwen2-VL's PatchEmbed
 
 
-def test_grouped_vision_attention_equals_one_call_per_image() -> None:
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [(4, 4), (4, 8), (4, 4), (8, 8), (8, 4), (4, 4)],  # every image its own run
+        [(4, 4), (4, 4), (4, 4), (4, 8), (8, 4), (8, 8), (8, 8)],  # runs of one size
+    ],
+)
+def test_grouped_vision_attention_equals_one_call_per_image(sizes: list[tuple[int, int]]) -> None:
     from moon2.train.model import use_grouped_vision_attention
 
     backbone, _ = build_backbone(tiny_config().model, seed=0)
     visual = backbone.visual
-    grid = torch.tensor([[1, 4, 4], [1, 4, 8], [1, 4, 4], [1, 8, 8], [1, 8, 4], [1, 4, 4]])
+    grid = torch.tensor([[1, height, width] for height, width in sizes])
     patch_dim = visual.patch_embed.proj.weight[0].numel()
     torch.manual_seed(0)
     pixels = torch.randn(int(grid.prod(-1).sum()), patch_dim)
@@ -920,3 +1004,43 @@ def test_grouped_vision_attention_equals_one_call_per_image() -> None:
         torch.testing.assert_close(
             visual.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-4, msg=name
         )
+
+
+def test_silu_quick_gelu_equals_transformers_quick_gelu() -> None:
+    from transformers.activations import QuickGELUActivation
+
+    from moon2.train.model import SiLUQuickGELU, use_silu_quick_gelu
+
+    torch.manual_seed(0)
+    states = (torch.randn(64, 32) * 4).requires_grad_()
+    reference = QuickGELUActivation()(states)
+    (reference * torch.arange(32.0)).sum().backward()
+    reference_grad, states.grad = states.grad.clone(), None
+    swapped = SiLUQuickGELU()(states)
+    (swapped * torch.arange(32.0)).sum().backward()
+    torch.testing.assert_close(swapped, reference, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(states.grad, reference_grad, atol=1e-5, rtol=1e-5)
+
+    backbone, _ = build_backbone(tiny_config().model, seed=0)
+    visual = backbone.visual
+    grid = torch.tensor([[1, 4, 4], [1, 8, 4]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), visual.patch_embed.proj.weight[0].numel())
+    expected = visual(pixels, grid_thw=grid).pooler_output
+    assert use_silu_quick_gelu(backbone) == len(visual.blocks)  # one per vision MLP
+    assert use_silu_quick_gelu(backbone) == 0
+    torch.testing.assert_close(
+        visual(pixels, grid_thw=grid).pooler_output, expected, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_vision_heads_must_split_the_width_into_rotary_widths() -> None:
+    from pydantic import ValidationError
+
+    from moon2.train.config import TinyBackboneConfig
+
+    assert TinyBackboneConfig(vision_width=48, vision_heads=2).vision_heads == 2
+    for width, heads in ((64, 3), (48, 8)):  # 64 / 3 is no whole width, 48 / 8 = 6
+        with pytest.raises(ValidationError, match="vision heads"):
+            TinyBackboneConfig(vision_width=width, vision_heads=heads)
+    backbone, _ = build_backbone(tiny_config().model, seed=0)
+    assert backbone.config.vision_config.num_heads == 2

@@ -210,8 +210,10 @@ def tiny_qwen2vl_config(
     vision_width: int = 64,
     vision_patch: int = 14,
     spatial_merge: int = 2,
+    vision_heads: int | None = None,
 ) -> Any:
-    """A few-million-parameter Qwen2-VL config (random init is the CPU default backbone)."""
+    """A few-million-parameter Qwen2-VL config (random init is the CPU default backbone);
+    ``vision_heads`` defaults to max(4, vision_width / 32)."""
     from transformers import Qwen2VLConfig
 
     heads = max(2, hidden_size // 32)
@@ -236,7 +238,7 @@ def tiny_qwen2vl_config(
             "depth": vision_depth,
             "embed_dim": vision_width,
             "hidden_size": hidden_size,
-            "num_heads": max(4, vision_width // 32),
+            "num_heads": vision_heads or max(4, vision_width // 32),
             "mlp_ratio": 2,
             "patch_size": vision_patch,
             "spatial_merge_size": spatial_merge,

@@ -20,9 +20,18 @@ class TinyBackboneConfig(Config):
     vision_depth: int = Field(2, ge=1, description="Vision transformer blocks.")
     vision_width: int = Field(
         64,
-        ge=32,
-        multiple_of=32,
-        description="Vision transformer width (attention heads: max(4, width / 32)).",
+        ge=16,
+        multiple_of=16,
+        description="Vision transformer width. 48 made the step ~20% cheaper but lost i2mm "
+        "(R@10 59.0 at 9 epochs, 60.7 at 10, seed 0, against 64.3 at 64).",
+    )
+    vision_heads: int = Field(
+        2,
+        ge=1,
+        description="Vision attention heads; each head's width (vision_width / heads) must be "
+        "a multiple of 4. 2 heads of 32 instead of 4 of 16: the same parameters, and CPU "
+        "attention kernels run wider heads faster (the step ~6% faster; i2mm R@10 64.3 vs "
+        "63.5 on seed 0).",
     )
     vision_patch: int = Field(
         7,
@@ -43,6 +52,17 @@ class TinyBackboneConfig(Config):
         description="smollm2: token embeddings start as a PCA of SmolLM2-135M's (same "
         "tokenizer), so related words start close; random: the usual random init.",
     )
+
+    @model_validator(mode="after")
+    def _check_vision_heads(self) -> TinyBackboneConfig:
+        heads = self.vision_heads
+        if self.vision_width % heads or (self.vision_width // heads) % 4:
+            raise ValueError(
+                f"model.tiny.vision_width {self.vision_width} does not split into {heads} "
+                "vision heads whose width is a multiple of 4 (each head's 2-D rotary embedding "
+                "needs it)"
+            )
+        return self
 
 
 class LoraConfig(Config):

@@ -38,7 +38,7 @@ from moon2.data.schema import PRODUCTS, QUERIES
 from moon2.errors import ImageDecodeError, InputError
 from moon2.models.base import EncodeItem
 from moon2.train.config import DataConfig, ModelConfig
-from moon2.train.inputs import build_inputs, with_pixel_cache
+from moon2.train.inputs import build_inputs, one_off, with_pixel_cache, with_token_cache
 
 VIEWS: tuple[str, ...] = ("t2mm", "i2mm", "mm2mm")
 
@@ -283,8 +283,11 @@ class TripletDataset(torch.utils.data.Dataset):
             def matte_of(photo: Any) -> Any:
                 return self.images.get(("matte", *key), lambda: product_matte(photo))
 
-        return random_view(
-            image, rng, background_probability=self.config.view_background, matte_of=matte_of
+        # drawn afresh each epoch: the processed-photo cache need not hash it
+        return one_off(
+            random_view(
+                image, rng, background_probability=self.config.view_background, matte_of=matte_of
+            )
         )
 
     def _catalog_query(self, record: dict[str, Any], rng: random.Random) -> Any:
@@ -425,7 +428,7 @@ class Collator:
         intra_products: str = "positives",
         pixel_cache_mb: int = 0,
     ) -> None:
-        self.processor = with_pixel_cache(processor, pixel_cache_mb << 20)
+        self.processor = with_token_cache(with_pixel_cache(processor, pixel_cache_mb << 20))
         self.texts: dict[str, str] = {}
         self.max_text_tokens = model_config.max_text_tokens
         self.intra = intra

@@ -260,10 +260,24 @@ def _per_photo(output: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(part.clone(), grid.clone()) for part, grid in zip(rows, grids, strict=True)]
 
 
+ONE_OFF = "moon2_one_off"
+"""``PIL.Image.info`` key of a photo made for one use (a random view drawn afresh each epoch):
+:class:`CachedImageProcessor` processes it without hashing it, as it will not be seen again."""
+
+
+def one_off(image: Any) -> Any:
+    """``image`` (a PIL image) marked as made for one use (see :data:`ONE_OFF`)."""
+    if isinstance(image, Image.Image):
+        image.info[ONE_OFF] = True
+    return image
+
+
 def _photo_digest(image: Any, context: bytes) -> bytes | None:
     """A hash of a photo's pixels (PIL image or array) and the call's options; None for
-    anything else (processed, never cached)."""
+    anything else and for a :func:`one_off` photo (processed, never cached)."""
     if isinstance(image, Image.Image):
+        if image.info.get(ONE_OFF):
+            return None
         header = f"{image.mode}:{image.size}".encode()
         data = image.tobytes()
         if image.palette is not None:  # palette images: the same indices, other colours
@@ -278,6 +292,81 @@ def _photo_digest(image: Any, context: bytes) -> bytes | None:
     digest.update(context)
     digest.update(data)
     return digest.digest()[:16]
+
+
+class CachedTokenizer:
+    """A tokenizer that remembers each prompt's token ids.
+
+    A training run tokenizes the same query texts and titles (with the same image
+    placeholders) every epoch; the tokenizer and its per-row conversion to Python lists cost
+    ~8 ms of a 16-sample batch in the data worker. Serves the call a processor makes,
+    ``tokenizer(prompts, padding=True, return_tensors="pt")``, from the ids of each prompt
+    tokenized once, padded as the tokenizer pads; any other call goes to the tokenizer.
+    """
+
+    _SERVED = (
+        {"padding": True, "return_tensors": "pt"},
+        {"padding": "longest", "return_tensors": "pt"},
+    )
+
+    def __init__(self, inner: Any, max_entries: int = TEXT_CACHE_ENTRIES) -> None:
+        self.inner = inner
+        self.max_entries = max_entries
+        self._ids: dict[str, list[int]] = {}
+        self._servable: bool | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner" or name.startswith("__"):  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, text: Any = None, *args: Any, **kwargs: Any) -> Any:
+        servable = (
+            self._servable is not False
+            and not args
+            and kwargs in self._SERVED
+            and isinstance(text, list)
+            and text
+            and all(isinstance(prompt, str) for prompt in text)
+            and getattr(self.inner, "pad_token_id", None) is not None
+        )
+        if not servable:
+            return self.inner(text, *args, **kwargs)
+        missing = list(dict.fromkeys(prompt for prompt in text if prompt not in self._ids))
+        if missing and len(self._ids) + len(missing) > self.max_entries:
+            self._ids.clear()
+            missing = list(dict.fromkeys(text))
+        if missing:
+            encoded = self.inner(missing)
+            if self._servable is None:
+                self._servable = set(encoded.keys()) == {"input_ids", "attention_mask"} and all(
+                    all(mask) for mask in encoded["attention_mask"]
+                )
+                if not self._servable:
+                    return self.inner(text, *args, **kwargs)
+            self._ids.update(zip(missing, encoded["input_ids"], strict=True))
+        rows = [self._ids[prompt] for prompt in text]
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.inner.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        left = getattr(self.inner, "padding_side", "right") == "left"
+        for index, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            input_ids[index, span] = torch.tensor(row, dtype=torch.long)
+            attention_mask[index, span] = 1
+        from transformers import BatchEncoding
+
+        return BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def with_token_cache(processor: Any) -> Any:
+    """A copy of ``processor`` whose tokenizer is a :class:`CachedTokenizer` (``processor``
+    itself is unchanged); ``processor`` when it has no tokenizer."""
+    if getattr(processor, "tokenizer", None) is None:
+        return processor
+    cached = copy.copy(processor)
+    cached.tokenizer = CachedTokenizer(processor.tokenizer)
+    return cached
 
 
 def with_pixel_cache(processor: Any, max_bytes: int) -> Any:

@@ -106,6 +106,11 @@ def use_patchwise_matmul(backbone: nn.Module) -> int:
     return turned
 
 
+def _rotate_half(states: torch.Tensor) -> torch.Tensor:
+    first, second = states.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
 def _grouped_vision_attention(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -113,37 +118,49 @@ def _grouped_vision_attention(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """Qwen2-VL's vision attention (each image attends within itself) with the images of one
-    length attended in one batched call, where transformers' SDPA path makes one call per image
-    (a training batch holds ~75 images; per-call overhead dominated the vision tower on CPU)."""
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
-
+    """Qwen2-VL's vision attention (each image attends within itself) with each run of
+    consecutive images of one length attended in one batched call on a view of the states,
+    where transformers' SDPA path makes one call per image (a training batch holds ~60 distinct
+    photos; per-call overhead dominated the vision tower on CPU). Queries and keys get their
+    rotary embedding in one pass (transformers' ``apply_rotary_pos_emb_vision``, same result).
+    :meth:`Moon2Model._image_features` orders photos by size, so a run is every photo of a size.
+    """
     seq_length = hidden_states.shape[0]
-    query, key, value = (
-        self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3)
-    ).unbind(0)
+    qkv = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1)
     cos, sin = position_embeddings
-    query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
-    starts = cu_seqlens[:-1].tolist()
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    by_length: dict[int, list[int]] = {}
-    for image, length in enumerate(lengths):
-        by_length.setdefault(length, []).append(image)
+    query_key = qkv[:, :2].float()
+    cos, sin = cos[:, None, None].float(), sin[:, None, None].float()
+    query_key = (query_key * cos + _rotate_half(query_key) * sin).to(qkv.dtype)
+    query, key, value = query_key[:, 0], query_key[:, 1], qkv[:, 2]
     heads, head_dim = query.shape[1], query.shape[2]
-    output = query.new_zeros(seq_length, heads * head_dim)
-    for length, images in by_length.items():
-        index = torch.cat(
-            [torch.arange(starts[i], starts[i] + length, device=query.device) for i in images]
-        )
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    runs: list[tuple[int, int, int]] = []  # (first token, images, length)
+    start = 0
+    for length in lengths:
+        if runs and runs[-1][2] == length:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, length)
+        elif length:
+            runs.append((start, 1, length))
+        start += length
+    outputs = []
+    for first, images, length in runs:
 
-        def group(states: torch.Tensor, index: torch.Tensor = index, length: int = length) -> Any:
-            return states.index_select(0, index).view(-1, length, heads, head_dim).transpose(1, 2)
+        def group(
+            states: torch.Tensor, first: int = first, images: int = images, length: int = length
+        ) -> Any:
+            return (
+                states[first : first + images * length]
+                .reshape(images, length, heads, head_dim)
+                .transpose(1, 2)
+            )
 
         attended = nn.functional.scaled_dot_product_attention(
             group(query), group(key), group(value), scale=self.scaling
         )
-        output = output.index_copy(0, index, attended.transpose(1, 2).reshape(-1, heads * head_dim))
-    return self.proj(output)
+        outputs.append(attended.transpose(1, 2).reshape(images * length, heads * head_dim))
+    if not outputs:
+        return self.proj(hidden_states.new_zeros(0, heads * head_dim))
+    return self.proj(torch.cat(outputs) if len(outputs) > 1 else outputs[0])
 
 
 def use_grouped_vision_attention(backbone: nn.Module) -> int:
@@ -166,6 +183,35 @@ def use_grouped_vision_attention(backbone: nn.Module) -> int:
             module.forward = types.MethodType(_grouped_vision_attention, module)
             changed += 1
     return changed
+
+
+QUICK_GELU_SCALE = 1.702
+
+
+class SiLUQuickGELU(nn.Module):
+    """transformers' ``QuickGELUActivation``, x * sigmoid(1.702 x), computed as
+    silu(1.702 x) / 1.702 (the same function): one fused kernel forward and one backward
+    instead of three elementwise passes and their gradients over the vision MLP's hidden
+    states."""
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(states * QUICK_GELU_SCALE) * (1.0 / QUICK_GELU_SCALE)
+
+
+def use_silu_quick_gelu(backbone: nn.Module) -> int:
+    """Swap the backbone's ``QuickGELUActivation`` modules (Qwen2-VL's vision MLP) for
+    :class:`SiLUQuickGELU`; returns how many were swapped."""
+    try:
+        from transformers.activations import QuickGELUActivation
+    except ImportError:  # pragma: no cover - transformers without it
+        return 0
+    swapped = 0
+    for module in backbone.modules():
+        for name, child in module.named_children():
+            if type(child) is QuickGELUActivation:
+                setattr(module, name, SiLUQuickGELU())
+                swapped += 1
+    return swapped
 
 
 def apply_moe(backbone: nn.Module, config: MoEConfig, hidden_size: int) -> list[MoEMLP]:
@@ -286,6 +332,13 @@ def distinct_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) ->
             same = index
         first.append(same)
     return first
+
+
+def vision_order(first: list[int], patches: list[int]) -> list[int]:
+    """The distinct photos of :func:`distinct_images`' ``first`` in the order the vision tower
+    takes them: by size (``patches`` per photo), so :func:`_grouped_vision_attention` attends
+    all photos of one size in one call on a view of the states."""
+    return sorted(set(first), key=lambda image: (patches[image], image))
 
 
 def takes_encoder_outputs(backbone: nn.Module) -> bool:
@@ -435,6 +488,7 @@ class Moon2Model(nn.Module):
         hidden = hidden_size_of(backbone.config)
         use_patchwise_matmul(backbone)
         use_grouped_vision_attention(backbone)
+        use_silu_quick_gelu(backbone)
         self.moe_layers = apply_moe(backbone, moe_config, hidden) if moe_config.enabled else []
         self.projection = (
             nn.Linear(hidden, model_config.projection_dim, bias=False)
@@ -517,8 +571,9 @@ class Moon2Model(nn.Module):
             return None
         pixel_values, grid = inputs.pop("pixel_values"), inputs["image_grid_thw"]
         first = distinct_images(pixel_values, grid)
-        distinct = sorted(set(first))
-        chunks = pixel_values.split(grid.prod(-1).tolist())
+        patches = grid.prod(-1).tolist()
+        distinct = vision_order(first, patches)
+        chunks = pixel_values.split(patches)
         outputs = self.backbone.get_image_features(
             torch.cat([chunks[i] for i in distinct]), grid[distinct], return_dict=True
         )
@@ -631,6 +686,7 @@ def build_backbone(config: ModelConfig, seed: int) -> tuple[nn.Module, Any]:
                 config.tiny.vision_width,
                 config.tiny.vision_patch,
                 config.tiny.spatial_merge,
+                config.tiny.vision_heads,
             )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

@@ -16,8 +16,8 @@ def recipes() -> dict[str, tuple[TrainConfig, str]]:
             tiny_cpu(),
             "moon2 train recipe: a tiny random-init Qwen2-VL on CPU (the default).\n"
             "9 epochs on the train split of the 2,000-product synthetic catalog took\n"
-            "565-622 s on 2 CPU cores (six runs, three seeds; the machine's speed drifted\n"
-            "~20 % between them); test i2mm R@10 61.1-66.0 %.\n"
+            "577-589 s on 2 CPU cores (three seeds, on the slowest morning this machine\n"
+            "had; its speed drifts ~20 % within hours); test i2mm R@10 60.2-66.8 %.\n"
             "Usage: moon2 train BENCH/train runs/tiny --config configs/train/tiny-cpu.yaml",
         ),
         "qwen2vl-2b-gpu": (
