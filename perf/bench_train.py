@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -234,16 +235,14 @@ def measure_single(data: Path, args: argparse.Namespace) -> dict[str, Any]:
     use_grouped_vision_attention(model.backbone)
     from moon2.train import model as model_module
 
-    shared_lookup = model_module.one_token_lookup
     # each bucket's backbone call does its own token-embedding lookup
-    model_module.one_token_lookup = lambda embedding, input_ids: contextlib.nullcontext()
-    per_call_lookup_s = moe.step_seconds(args.steps, args.warmup)
-    model_module.one_token_lookup = shared_lookup
-    sorted_order = model_module.vision_order
+    with mock.patch.object(
+        model_module, "one_token_lookup", lambda embedding, input_ids: contextlib.nullcontext()
+    ):
+        per_call_lookup_s = moe.step_seconds(args.steps, args.warmup)
     # photos in batch order: a grouped attention call per run of equal sizes, not per size
-    model_module.vision_order = lambda first, patches: sorted(set(first))
-    batch_order_s = moe.step_seconds(args.steps, args.warmup)
-    model_module.vision_order = sorted_order
+    with mock.patch.object(model_module, "vision_order", lambda first, patches: sorted(set(first))):
+        batch_order_s = moe.step_seconds(args.steps, args.warmup)
     from transformers.activations import QuickGELUActivation
 
     swapped = [
@@ -265,12 +264,13 @@ def measure_single(data: Path, args: argparse.Namespace) -> dict[str, Any]:
     )
     from moon2.train import inputs as inputs_module
 
-    vectorised = inputs_module._returns_token_types
-    inputs_module._returns_token_types = lambda processor: False  # the processor's row loop
-    data_processor_types = moe.data_seconds(
-        args.batches, cache_mb=config.data.image_cache_mb, pixel_cache_mb=config.data.pixel_cache_mb
-    )
-    inputs_module._returns_token_types = vectorised
+    # the processor's row loop
+    with mock.patch.object(inputs_module, "_returns_token_types", lambda processor: False):
+        data_processor_types = moe.data_seconds(
+            args.batches,
+            cache_mb=config.data.image_cache_mb,
+            pixel_cache_mb=config.data.pixel_cache_mb,
+        )
     return {
         "threads": torch.get_num_threads(),
         "batch_size": moe.batch_size,

@@ -106,11 +106,6 @@ def use_patchwise_matmul(backbone: nn.Module) -> int:
     return turned
 
 
-def _rotate_half(states: torch.Tensor) -> torch.Tensor:
-    first, second = states.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 def _grouped_vision_attention(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -125,12 +120,14 @@ def _grouped_vision_attention(
     rotary embedding in one pass (transformers' ``apply_rotary_pos_emb_vision``, same result).
     :meth:`Moon2Model._image_features` orders photos by size, so a run is every photo of a size.
     """
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
+
     seq_length = hidden_states.shape[0]
     qkv = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1)
     cos, sin = position_embeddings
     query_key = qkv[:, :2].float()
     cos, sin = cos[:, None, None].float(), sin[:, None, None].float()
-    query_key = (query_key * cos + _rotate_half(query_key) * sin).to(qkv.dtype)
+    query_key = (query_key * cos + rotate_half(query_key) * sin).to(qkv.dtype)
     query, key, value = query_key[:, 0], query_key[:, 1], qkv[:, 2]
     heads, head_dim = query.shape[1], query.shape[2]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
