@@ -405,6 +405,113 @@ def _print_augment_summary(manifest: dict[str, Any]) -> None:
     typer.echo(f"rows in {rows_in:,} = out {rows_out:,} + rejected {manifest['rows_rejected']:,}")
 
 
+@app.command("filter")
+@_user_errors
+def filter_(
+    catalog: Annotated[
+        Path,
+        typer.Argument(
+            help="A catalog directory holding products/ (and queries/, filtered too), e.g. "
+            "moon2 augment's OUT or a bench's train/; or a products dataset.",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="OUT",
+            help="Gets products/ and queries/ (kept), _removed/ (with every score and the "
+            "reason), _rejects/, filter_report.json and .md.",
+            show_default=False,
+        ),
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML config (configs/curate/default.yaml: every scorer, defaults)."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Encoder for the alignment and cleanlab scorers: a moon2 checkpoint (e.g. "
+            "RUN/final), open_clip:<arch>[:<weights>] or hf:<id or path>. Default: the "
+            "offline all-MiniLM-L6-v2 text model (no image checks)."
+        ),
+    ] = None,
+    scores: Annotated[
+        Path | None,
+        typer.Option(
+            help="A moon2 train output (RUN/ with scores/epoch-*.parquet): enables the "
+            "training-dynamics scorer."
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Run the scan on this Ray cluster (e.g. ray://head:10001)."),
+    ] = None,
+    ray: Annotated[
+        bool | None,
+        typer.Option(
+            "--ray/--no-ray",
+            help="Scan on Ray Data; default: only when --address is given (one process otherwise).",
+            show_default=False,
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Reuse the parts a previous run scanned (--no-resume: start over)."),
+    ] = True,
+) -> None:
+    """Find noisy rows (swapped titles or images, wrong categories, duplicates, bad
+    purchases) and remove them, keeping every score.
+
+    Scorers, each writing cur_* columns: alignment (image vs title and title vs the rest of
+    the listing from the encoder; for queries the margin of the bought product over the shown
+    negatives), cleanlab Datalab (near duplicates, outliers, category label issues on a kNN
+    graph of the product vectors), exact duplicates (image bytes, normalised titles) and,
+    with --scores, training dynamics. Rule: a row is removed when a check whose action is
+    "remove" flags it; cur_reason names the first. Re-running resumes the scan.
+    """
+    from moon2.curate.config import CurateConfig
+    from moon2.curate.pipeline import filter_catalog
+
+    cfg = CurateConfig.from_yaml(config)
+    result = filter_catalog(
+        catalog,
+        out_dir,
+        cfg,
+        model=model,
+        training_scores=scores,
+        address=address,
+        use_ray=ray,
+        resume=resume,
+    )
+    _print_filter_summary(result.report)
+    typer.echo(f"report: {result.out_dir / 'filter_report.md'}")
+
+
+def _print_filter_summary(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="moon2 filter")
+    for column in ("table", "in", "kept", "removed", "rejected"):
+        table.add_column(column, justify="left" if column == "table" else "right")
+    for name, counts in report["counts"].items():
+        table.add_row(name, *(f"{counts[k]:,}" for k in ("rows_in", "kept", "removed", "rejected")))
+    progress.console().print(table)
+    for name, reasons in report["removed_by_reason"].items():
+        if reasons:
+            typer.echo(f"{name} removed: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+    for name, result in report.get("evaluation", {}).items():
+        figures = [("all noise", result["overall"]), *result.get("per_kind", {}).items()]
+        typer.echo(
+            f"{name} vs truth_*: "
+            + "; ".join(
+                f"{kind} P {f['precision']:.2f} R {f['recall']:.2f} F1 {f['f1']:.2f}"
+                for kind, f in figures
+            )
+        )
+
+
 @app.command("eval")
 @_user_errors
 def eval_(

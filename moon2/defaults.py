@@ -16,6 +16,7 @@ def shipped_configs() -> dict[str, tuple[Config, str]]:
     """configs/<path> -> (config, header)."""
     from moon2.augment.config import recipes as augment_recipes
     from moon2.bench.config import BenchConfig, EvalConfig
+    from moon2.curate.config import recipes as curate_recipes
     from moon2.data.synth.generator import SynthConfig
     from moon2.train.recipes import recipes
 
@@ -41,6 +42,8 @@ def shipped_configs() -> dict[str, tuple[Config, str]]:
         shipped[f"train/{name}.yaml"] = (config, header)
     for name, (config, header) in augment_recipes().items():
         shipped[f"augment/{name}.yaml"] = (config, header)
+    for name, (config, header) in curate_recipes().items():
+        shipped[f"curate/{name}.yaml"] = (config, header)
     return shipped
 
 

@@ -32,3 +32,14 @@ def small_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     synth(config, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained(small_catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained on ``small_catalog`` (final/, scores/epoch-*.parquet, ...)."""
+    from moon2.train.trainer import train
+    from tests.factories import TRAINED_EPOCHS, tiny_config
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(small_catalog, out, tiny_config(optim={"epochs": TRAINED_EPOCHS}))
+    return out

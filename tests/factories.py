@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 
 import pyarrow as pa
 from PIL import Image
 
 from moon2.data.schema import PRODUCTS, QUERIES
+from moon2.train.config import TrainConfig
 
 
 def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 24) -> bytes:
@@ -55,3 +57,38 @@ def products_table(rows: list[dict[str, object]]) -> pa.Table:
 
 def queries_table(rows: list[dict[str, object]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=QUERIES.arrow_schema(strict=False))
+
+
+# The smallest config that exercises every part: MoE, intra loss, filter, checkpoints.
+TINY: dict = {
+    "device": "cpu",
+    "model": {
+        "tiny": {
+            "hidden_size": 32,
+            "layers": 2,
+            "vision_depth": 1,
+            "init_token_embeddings": "random",
+        },
+        "image_min_pixels": 28 * 28,
+        "image_max_pixels": 56 * 56,
+        "max_text_tokens": 24,
+    },
+    "moe": {"num_experts": 4, "top_k": 2, "layers": "last:1"},
+    "data": {"max_images": 1, "max_negatives": 1},
+    "optim": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.1},
+    "checkpoint": {"every_steps": 5, "keep": 2},
+    "log_every": 1,
+}
+
+
+def tiny_config(**sections: dict) -> TrainConfig:
+    data = json.loads(json.dumps(TINY))
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(name, {}).update(values)
+        else:
+            data[name] = values
+    return TrainConfig.model_validate(data)
+
+
+TRAINED_EPOCHS = 5

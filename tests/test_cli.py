@@ -19,7 +19,9 @@ from moon2.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["synth"], ["validate"], ["convert", "mbe"], ["demo"]])
+@pytest.mark.parametrize(
+    "command", [[], ["synth"], ["validate"], ["convert", "mbe"], ["demo"], ["filter"]]
+)
 def test_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0

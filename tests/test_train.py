@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from moon2.curate.dynamic import FilterPolicy
 from moon2.models.base import EncodeItem
-from moon2.train.config import FilterConfig, TrainConfig
+from moon2.train.config import FilterConfig
 from moon2.train.inputs import build_inputs
 from moon2.train.model import (
     EmbeddingCenter,
@@ -31,40 +31,18 @@ from moon2.train.model import (
     template_prefix_tokens,
 )
 from moon2.train.trainer import train
-from tests.factories import png_bytes, product_row, products_table, queries_table, query_row
+from tests.factories import (
+    TINY,
+    TRAINED_EPOCHS,
+    png_bytes,
+    product_row,
+    products_table,
+    queries_table,
+    query_row,
+    tiny_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# The smallest config that exercises every part: MoE, intra loss, filter, checkpoints.
-TINY: dict = {
-    "device": "cpu",
-    "model": {
-        "tiny": {
-            "hidden_size": 32,
-            "layers": 2,
-            "vision_depth": 1,
-            "init_token_embeddings": "random",
-        },
-        "image_min_pixels": 28 * 28,
-        "image_max_pixels": 56 * 56,
-        "max_text_tokens": 24,
-    },
-    "moe": {"num_experts": 4, "top_k": 2, "layers": "last:1"},
-    "data": {"max_images": 1, "max_negatives": 1},
-    "optim": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.1},
-    "checkpoint": {"every_steps": 5, "keep": 2},
-    "log_every": 1,
-}
-
-
-def tiny_config(**sections: dict) -> TrainConfig:
-    data = json.loads(json.dumps(TINY))
-    for name, values in sections.items():
-        if isinstance(values, dict):
-            data.setdefault(name, {}).update(values)
-        else:
-            data[name] = values
-    return TrainConfig.model_validate(data)
 
 
 def _items() -> list[EncodeItem]:
@@ -473,16 +451,6 @@ def test_filter_policies() -> None:
 
 
 # --- the loop -----------------------------------------------------------------------------
-
-
-TRAINED_EPOCHS = 5
-
-
-@pytest.fixture(scope="module")
-def trained(small_catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "run"
-    train(small_catalog, out, tiny_config(optim={"epochs": TRAINED_EPOCHS}))
-    return out
 
 
 def _recall_at(encoder, catalog: Path, k: int = 10) -> float:

@@ -40,19 +40,16 @@ from moon2.augment.stages import (
     REJECT,
     STAGE,
     ImageStage,
-    PartSpec,
     PartStats,
     TextStage,
     finish_part,
-    from_ipc,
     prepare_part,
     provenance,
 )
-from moon2.data.io import open_parquet, resolve_files, write_table
-from moon2.data.schema import PRODUCTS, check_columns, rejects_schema
-from moon2.errors import ConfigError, InputError
-
-PLAN_FILE = "plan.json"
+from moon2.data.io import resolve_files, write_table
+from moon2.data.parts import PartSpec, check_plan, from_ipc, init_ray, plan_parts
+from moon2.data.schema import PRODUCTS, rejects_schema
+from moon2.errors import InputError
 
 
 @dataclass
@@ -67,50 +64,8 @@ class AugmentResult:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def part_key(file_index: int, offset: int) -> str:
-    return f"part-{file_index:05d}-{offset:012d}"
-
-
-def plan_parts(files: list[Path], rows_per_part: int, limit: int | None) -> list[PartSpec]:
-    """Cut the input into parts of ``rows_per_part`` rows (the first ``limit`` rows only)."""
-    specs: list[PartSpec] = []
-    remaining = limit
-    for index, file in enumerate(files):
-        reader = open_parquet(file)
-        check_columns(reader.schema_arrow, PRODUCTS, str(file))
-        rows = reader.metadata.num_rows
-        if remaining is not None:
-            rows = min(rows, remaining)
-            remaining -= rows
-        for offset in range(0, rows, rows_per_part):
-            length = min(rows_per_part, rows - offset)
-            specs.append(PartSpec(part_key(index, offset), str(file), index, offset, length))
-        if remaining == 0:
-            break
-    return specs
-
-
 def _fingerprint(files: list[Path]) -> list[list[Any]]:
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
-def _check_plan(out: Path, plan: dict[str, Any], resume: bool) -> None:
-    """Start over (no resume) or make sure the finished parts belong to this very job."""
-    parts_dir = out / "_parts"
-    plan_path = parts_dir / PLAN_FILE
-    if not resume:
-        for name in ("products", "_rejects", "_parts"):
-            shutil.rmtree(out / name, ignore_errors=True)
-    elif plan_path.exists():
-        previous = json.loads(plan_path.read_text())
-        if previous != plan:
-            changed = [k for k in plan if previous.get(k) != plan[k]]
-            raise ConfigError(
-                f"{out} holds an augment run with a different {', '.join(changed)}; re-run "
-                "with --no-resume to start over, or choose another OUT"
-            )
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    plan_path.write_text(json.dumps(plan, indent=1, sort_keys=True))
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -200,21 +155,6 @@ class _ImageActor:
         return finish_part(self.stage(row), self.stamp)
 
 
-def init_ray(address: str | None, config: AugmentConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(
-            num_cpus=config.ray.num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
-
-
 def run_ray(
     specs: list[PartSpec], config: AugmentConfig, address: str | None = None
 ) -> Iterator[dict[str, Any]]:
@@ -224,7 +164,7 @@ def run_ray(
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    init_ray(address, config)
+    init_ray(address, config.ray.num_cpus)
     # Ray Data logs every execution plan at INFO on the console; moon2 shows its own progress
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.data.DataContext.get_current()
@@ -334,13 +274,13 @@ def augment(
     files = resolve_files(source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs = plan_parts(files, config.rows_per_part, limit)
+    specs = plan_parts(files, config.rows_per_part, limit, PRODUCTS)
     plan = {
         "config": config.model_dump(mode="json"),
         "inputs": _fingerprint(files),
         "limit": limit,
     }
-    _check_plan(out, plan, resume)
+    check_plan(out, plan, resume, ("products", "_rejects", "_parts"), "augment")
     config.to_yaml(out / "config.yaml", "moon2 augment: the resolved config of this run")
     done = {p.stem for p in (out / "_parts").glob("part-*.json")}
     todo = [s for s in specs if s.key not in done]

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from moon2.augment.config import AugmentConfig
 from moon2.augment.consistency import ConsistencyScorer, load_scorer
@@ -33,6 +32,7 @@ from moon2.augment.text import (
     row_seed,
 )
 from moon2.data.images import decode_image, encode_image
+from moon2.data.parts import PartSpec, from_ipc, read_slice, to_ipc
 from moon2.data.schema import ATTRIBUTE_TYPE, IMAGE_TYPE, PRODUCTS, conform
 from moon2.errors import ImageDecodeError
 
@@ -50,17 +50,6 @@ AUG_FIELDS = [
     pa.field("aug_engine", pa.string()),
 ]
 AUG_NAMES = [f.name for f in AUG_FIELDS]
-
-
-@dataclass
-class PartSpec:
-    """Rows ``[offset, offset + length)`` of input file number ``file_index``."""
-
-    key: str
-    file: str
-    file_index: int
-    offset: int
-    length: int
 
 
 @dataclass
@@ -110,17 +99,6 @@ class PartStats:
 # --- record helpers ------------------------------------------------------------------------
 
 
-def to_ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-
-
 def _set_column(table: pa.Table, name: str, values: list[Any], type_: pa.DataType) -> pa.Table:
     array = pa.array(values, type=type_)
     if name in table.column_names:
@@ -130,21 +108,6 @@ def _set_column(table: pa.Table, name: str, values: list[Any], type_: pa.DataTyp
 
 def _reasons(table: pa.Table) -> list[str | None]:
     return table.column(REJECT).to_pylist()
-
-
-def read_slice(file: str, offset: int, length: int) -> pa.Table:
-    """Rows ``[offset, offset + length)`` of a Parquet file, reading only the row groups
-    that hold them."""
-    reader = pq.ParquetFile(file)
-    groups, first, start = [], None, 0
-    for index in range(reader.metadata.num_row_groups):
-        rows = reader.metadata.row_group(index).num_rows
-        if start + rows > offset and start < offset + length:
-            groups.append(index)
-            first = start if first is None else first
-        start += rows
-    table = reader.read_row_groups(groups) if groups else reader.schema_arrow.empty_table()
-    return table.slice(offset - (first or 0), length)
 
 
 def _main_cell(images: list[Any] | None) -> tuple[int, Any] | None:

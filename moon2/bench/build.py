@@ -97,7 +97,7 @@ def normalise_title(title: str | None) -> str:
     return " ".join(sorted(words))
 
 
-def _image_key(cell: dict[str, Any] | None) -> str | None:
+def image_key(cell: dict[str, Any] | None) -> str | None:
     if not cell:
         return None
     data = cell.get("bytes")
@@ -177,7 +177,7 @@ def _scan_products(catalog: Path, config: BenchConfig) -> pl.DataFrame:
                 records["title_key"].append(
                     key if len(key.split()) >= split.min_title_tokens else None
                 )
-                keys = [_image_key(c) for c in cells] if split.dedupe_images else []
+                keys = [image_key(c) for c in cells] if split.dedupe_images else []
                 records["image_keys"].append(sorted({k for k in keys if k}))
                 records["stratum"].append(_stratum(categories[i], split.stratify_level))
                 records["split_value"].append(value)

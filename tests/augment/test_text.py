@@ -172,7 +172,8 @@ class ScriptedEngine(TextEngine):
 def run_text_stage(rows: list[dict], engine: TextEngine, tmp_path) -> list[dict]:
     import pyarrow.parquet as pq
 
-    from moon2.augment.stages import PartSpec, TextStage, from_ipc, prepare_part
+    from moon2.augment.stages import TextStage, from_ipc, prepare_part
+    from moon2.data.parts import PartSpec
     from tests.factories import products_table
 
     path = tmp_path / "products.parquet"
