@@ -43,29 +43,53 @@ def test_thresholds_by_hand() -> None:
     assert flags.tolist() == [True, False, False, False, False, True, False]  # 2 of 6
     flags, cut = scorers.threshold_flags(np.full(3, np.nan), Threshold())
     assert not flags.any() and cut is None
+    # ties share one fate; with no spread (MAD 0) the standard deviation stands in
+    flags, _ = scorers.threshold_flags(np.ones(4), Threshold(mode="percentile", value=50))
+    assert not flags.any()
+    almost = np.array([0.5] * 6 + [0.49])
+    assert not scorers.threshold_flags(almost, Threshold())[0].any()
+    assert scorers.threshold_flags(np.array([0.5] * 20 + [0.1]), Threshold())[0][-1]
+    assert scorers.threshold_flags(np.full(5, 0.5), Threshold())[1] is None
     with pytest.raises(ValueError):
         Threshold(mode="percentile", value=120)
 
 
-def test_exact_duplicates_keep_the_first_of_each_key() -> None:
+def test_duplicate_groups_keep_one_staying_row_per_group() -> None:
     titles = [
         normalise_title(t) or None
         for t in ["Red mug", "mug, red", "blue mug", None, "red MUG", "tee"]
     ]
     images = ["a", "b", "b", "c", None, "c"]
-    eligible = np.array([True, True, True, True, True, True])
-    first = scorers.exact_duplicates(titles, images, ["images"], eligible)
-    assert first.tolist() == [-1, -1, 1, -1, -1, 3]
-    first = scorers.exact_duplicates(titles, images, ["title"], eligible)
-    assert first.tolist() == [-1, 0, -1, -1, 0, -1]
-    both = scorers.exact_duplicates(titles, images, ["title_and_images"], eligible)
-    assert both.tolist() == [-1, -1, -1, -1, -1, -1]  # no row repeats title and images
-    staying = np.array([True, False, True, True, True, True])  # row 1 goes for another reason
-    first = scorers.exact_duplicates(titles, images, ["images"], eligible, staying)
-    assert first.tolist() == [-1, -1, -1, -1, -1, 3]  # row 2 is kept in row 1's place
-    eligible[1] = False  # a rejected row is nobody's original
-    first = scorers.exact_duplicates(titles, images, ["images"], eligible)
-    assert first.tolist() == [-1, -1, -1, -1, -1, 3]
+    eligible = np.ones(6, bool)
+    stays = np.ones(6, bool)
+
+    def copies(keys: list[str], **kwargs: object) -> list[int]:
+        groups = scorers.duplicate_groups(
+            scorers.duplicate_keys(titles, images, keys),
+            kwargs.get("near"),
+            kwargs.get("eligible", eligible),
+            kwargs.get("stays", stays),
+        )
+        return groups.kept_copy.tolist()
+
+    assert copies(["images"]) == [-1, -1, 1, -1, -1, 3]
+    assert copies(["title"]) == [-1, 0, -1, -1, 0, -1]
+    assert copies(["title_and_images"]) == [-1] * 6  # no row repeats title and images
+    # transitively: 0 ~ 1 by title, 1 ~ 2 by images -> one group kept at row 0
+    assert copies(["images", "title"]) == [-1, 0, 0, -1, 0, 3]
+    # row 0 goes for another reason: the group keeps row 1, nobody points at row 0's copy
+    gone = np.array([False, True, True, True, True, True])
+    assert copies(["images", "title"], stays=gone) == [1, -1, 1, -1, 1, 3]
+    # a rejected row is nobody's copy and nobody's original
+    valid = np.array([True, True, True, False, True, True])
+    assert copies(["images"], eligible=valid) == [-1, -1, 1, -1, -1, -1]
+    # near-duplicate sets join groups too: 2 ~ 5 puts rows 1, 2, 3, 5 in one group
+    near = [[], [], [5], [], [], [2]]
+    assert copies(["images"], near=near) == [-1, -1, 1, 1, -1, 1]
+    groups = scorers.duplicate_groups(
+        scorers.duplicate_keys(titles, images, ["images"]), near, eligible, stays
+    )
+    assert groups.exact.tolist() == [False, True, True, True, False, True]
 
 
 def test_cross_consistency_finds_the_swapped_row() -> None:
@@ -131,16 +155,10 @@ def test_cleanlab_finds_label_issues_near_duplicates_and_outliers() -> None:
     result = scorers.cleanlab_issues(_unit(vectors), [*labels, "mugs", None], config)
     assert np.flatnonzero(result.is_near_duplicate).tolist() == [10, 75]
     assert result.near_duplicate_sets[75] == [10] and result.near_duplicate_sets[10] == [75]
-    everyone = np.ones(77, bool)
-    partner = scorers.near_duplicate_partner(
-        result.near_duplicate_sets, result.is_near_duplicate, everyone
-    )
-    assert partner[75] == 10 and (partner >= 0).sum() == 1  # the first copy stays
-    everyone[10] = False  # row 10 goes for another reason: its copy stays instead
-    partner = scorers.near_duplicate_partner(
-        result.near_duplicate_sets, result.is_near_duplicate, everyone
-    )
-    assert (partner >= 0).sum() == 0
+    kept = scorers.duplicate_groups(
+        [[] for _ in range(77)], result.near_duplicate_sets, np.ones(77, bool), np.ones(77, bool)
+    ).kept_copy
+    assert kept[75] == 10 and (kept >= 0).sum() == 1  # the first copy stays
     assert result.predicted_label[76] is None and np.isnan(result.label_score[76])
     assert np.argmin(result.outlier_score) == 76 and result.is_outlier[76]
 
@@ -231,12 +249,25 @@ def test_precision_recall_by_hand_and_duplicate_pairs() -> None:
     assert result["removed_by_reason_and_truth"]["duplicate"] == {"clean": 1}
     queries = pl.DataFrame(
         {
-            "removed": [True, True, False, True],
-            "reason": ["positive_removed", "query_margin", None, "query_margin"],
-            "is_noisy": [True, True, True, False],
+            # the first query went only because its product did: not judged
+            "removed": [False, True, False, True, True],
+            "judged": [False, True, True, True, True],
+            "reason": [
+                "positive_removed",
+                "query_margin",
+                None,
+                "query_margin",
+                "positive_removed",
+            ],
+            "is_noisy": [True, True, True, False, True],
         }
     )
-    assert evaluate_queries(queries)["overall"] == prf(1, 1, 1)
+    result = evaluate_queries(queries)
+    assert result["overall"] == prf(2, 1, 1)
+    assert result["removed_by_reason_and_truth"] == {
+        "positive_removed": {"noisy": 2},
+        "query_margin": {"clean": 1, "noisy": 1},
+    }
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -318,6 +349,8 @@ def test_filter_rejects_bad_rows_and_accounts_for_all(tmp_path: Path) -> None:
     (catalog / "queries").mkdir()
     queries = [query_row(f"q{i}", f"p{i}", query_text=f"red tee {i}") for i in range(4)]
     queries.append(query_row("q-empty", "p1", query_text=None, query_image=None))
+    queries.append(query_row("q-unknown", "p404", query_text="blue mug"))
+    queries.append(query_row("q-bad", "bad", query_text="an empty listing"))
     pq.write_table(queries_table(queries), catalog / "queries" / "part-0.parquet")
     out = tmp_path / "out"
     config = CurateConfig()
@@ -331,7 +364,9 @@ def test_filter_rejects_bad_rows_and_accounts_for_all(tmp_path: Path) -> None:
     assert "part-0.parquet row 9" in reasons["bad"] and "no title and no image" in reasons["bad"]
     assert all(r["reject_stage"] == "filter" for r in rejects)
     query_rejects = _read(out / "_rejects" / "queries").to_pylist()
-    assert [r["query_id"] for r in query_rejects] == ["q-empty"]
+    assert [r["query_id"] for r in query_rejects] == ["q-empty", "q-unknown", "q-bad"]
+    assert "column positive_id: p404 is not a valid product" in query_rejects[1]["reject_reason"]
+    assert validate(out, check_images=False).ok
     assert "evaluation" not in report  # no truth_* columns
 
 

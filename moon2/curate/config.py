@@ -184,9 +184,11 @@ class CurateConfig(Config):
 
     Rule: a row is removed when at least one enabled scorer flags it and that flag's action is
     ``remove``; its ``cur_reason`` is the first such flag in this order: duplicate,
-    near_duplicate, image_text, title_context, label_issue, query_margin, dynamics, outlier.
-    ``cur_flags`` lists every flag raised (removed or not). A query whose bought product was
-    removed is removed too (positive_removed).
+    near_duplicate, image_text, title_context, label_issue, dynamics, outlier (queries:
+    positive_removed, query_margin, dynamics). ``cur_flags`` lists every flag raised
+    (removed or not). Copies are grouped and each group keeps its earliest row that no other
+    check removes. A query whose bought product was removed is removed too
+    (positive_removed).
     """
 
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="The encoder.")

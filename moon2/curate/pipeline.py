@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -258,7 +259,6 @@ def _score_products(
     frame = _duplicate_ids(frame, "product_id")
     n = frame.height
     eligible = frame["reject"].is_null().to_numpy()
-    ids = frame["product_id"].to_list()
     flags: dict[str, np.ndarray] = {}
     nan = np.full(n, np.nan)
     columns: dict[str, Any] = {
@@ -331,30 +331,64 @@ def _score_products(
     for check, values in flags.items():
         if check != "near_duplicate" and action[check] == "remove":
             goes |= values & eligible
-    if config.duplicates.enabled:
-        first = scorers.exact_duplicates(
-            frame["title_key"].to_list(),
-            frame["images_key"].to_list(),
-            config.duplicates.keys,
-            eligible,
-            representative=~goes,
-        )
-        flags["duplicate"] = first >= 0
-        columns["cur_dup_of"] = [ids[j] if j >= 0 else None for j in first]
-        if action["duplicate"] == "remove":
-            goes |= flags["duplicate"]
-    if near_sets is not None:
-        partner = scorers.near_duplicate_partner(
-            near_sets, flags["near_duplicate"], eligible & ~goes
-        )
-        flags["near_duplicate"] = partner >= 0
-        columns["cur_cl_near_duplicate_of"] = [ids[j] if j >= 0 else None for j in partner]
+    _duplicate_flags(frame, config, action, near_sets, eligible, goes, flags, columns)
     for name, flag in flags.items():
         flags[name] = flag & eligible
     scored = frame.select("row", "where", "product_id", "reject").with_columns(
         **{name: _series(name, values) for name, values in columns.items()}
     )
     return scored, flags
+
+
+def _duplicate_flags(
+    frame: pl.DataFrame,
+    config: CurateConfig,
+    action: dict[str, str],
+    near_sets: list[list[int]] | None,
+    eligible: np.ndarray,
+    goes: np.ndarray,
+    flags: dict[str, np.ndarray],
+    columns: dict[str, Any],
+) -> None:
+    """The duplicate and near_duplicate flags, decided last and by group: a group of copies
+    (exact keys and, when they remove, near-duplicate sets, taken transitively) keeps its
+    earliest row that no other check removes; every other member points at that row."""
+    n = frame.height
+    ids = frame["product_id"].to_list()
+    none: list[list[str]] = [[] for _ in range(n)]
+    exact_keys = None
+    if config.duplicates.enabled:
+        exact_keys = scorers.duplicate_keys(
+            frame["title_key"].to_list(), frame["images_key"].to_list(), config.duplicates.keys
+        )
+    exact_removes = exact_keys is not None and action["duplicate"] == "remove"
+    near_removes = near_sets is not None and action["near_duplicate"] == "remove"
+    removing = scorers.duplicate_groups(
+        exact_keys if exact_removes else none,
+        near_sets if near_removes else None,
+        eligible,
+        ~goes,
+    )
+    if exact_keys is not None:
+        exact = (
+            removing
+            if exact_removes
+            else scorers.duplicate_groups(exact_keys, None, eligible, ~goes)
+        )
+        flags["duplicate"] = (exact.kept_copy >= 0) & exact.exact
+        columns["cur_dup_of"] = [
+            ids[j] if flag else None
+            for j, flag in zip(exact.kept_copy, flags["duplicate"], strict=True)
+        ]
+    if near_sets is not None:
+        near = (
+            removing if near_removes else scorers.duplicate_groups(none, near_sets, eligible, ~goes)
+        )
+        flags["near_duplicate"] = (near.kept_copy >= 0) & ~near.exact
+        columns["cur_cl_near_duplicate_of"] = [
+            ids[j] if flag else None
+            for j, flag in zip(near.kept_copy, flags["near_duplicate"], strict=True)
+        ]
 
 
 def _product_dynamics(
@@ -407,12 +441,25 @@ def _score_queries(
         scan.select(["row", "where", "query_id", "reject", "positive_id", "negative_ids"])
     )
     frame = _duplicate_ids(frame, "query_id")
-    n = frame.height
-    eligible = frame["reject"].is_null().to_numpy()
     valid_products = products.filter(pl.col("reject").is_null())
     row_of = dict(
         zip(valid_products["product_id"].to_list(), valid_products["row"].to_list(), strict=True)
     )
+    # a query bought a product that is not in the catalog (or was rejected): it cannot be
+    # trained on, and OUT would not pass moon2 validate
+    frame = frame.with_columns(
+        reject=pl.when(pl.col("reject").is_null() & ~pl.col("positive_id").is_in(list(row_of)))
+        .then(
+            pl.format(
+                "{}, column positive_id: {} is not a valid product (missing or rejected)",
+                pl.col("where"),
+                pl.col("positive_id"),
+            )
+        )
+        .otherwise(pl.col("reject"))
+    )
+    n = frame.height
+    eligible = frame["reject"].is_null().to_numpy()
     removed = set(products.filter(pl.col("cur_removed"))["product_id"].to_list())
     positives = frame["positive_id"].to_list()
     flags: dict[str, np.ndarray] = {
@@ -519,6 +566,8 @@ def _score_table(decisions: pl.DataFrame, fields: list[pa.Field]) -> pa.Table:
 def _without_dropped_negatives(table: pa.Table) -> pa.Table:
     """negative_ids without the products that are not kept (they are listed in
     cur_negatives_dropped), so OUT is a consistent catalog."""
+    if "negative_ids" not in table.column_names:
+        return table
     index = table.column_names.index("negative_ids")
     kept = []
     for negatives, dropped in zip(
@@ -527,13 +576,17 @@ def _without_dropped_negatives(table: pa.Table) -> pa.Table:
         strict=True,
     ):
         gone = set(dropped or [])
-        kept.append(None if negatives is None else [x for x in negatives if x not in gone])
+        # ids compare as text: the contract accepts integer ids, the scan holds strings
+        kept.append(None if negatives is None else [x for x in negatives if str(x) not in gone])
     return table.set_column(
         index, table.schema.field(index), pa.array(kept, table.schema.field(index).type)
     )
 
 
-def _write_part(out: Path, part: _Part, decisions: pl.DataFrame, fields: list[pa.Field]) -> None:
+def _write_part(
+    out: Path, part: _Part, decisions: pl.DataFrame, fields: list[pa.Field]
+) -> Counter[str]:
+    """Write one part's kept, removed and rejected rows; returns the rows each file got."""
     raw = read_slice(part.spec.file, part.spec.offset, part.spec.length)
     raw = raw.drop_columns([n for n in raw.column_names if n.startswith("cur_")])
     rows = decisions.slice(part.first_row, part.spec.length)
@@ -547,25 +600,29 @@ def _write_part(out: Path, part: _Part, decisions: pl.DataFrame, fields: list[pa
     removed = rows["cur_removed"].to_numpy() & ~rejected
     kept = ~rejected & ~removed
     name = f"{part.spec.key}.parquet"
+    written: Counter[str] = Counter(rows_in=raw.num_rows)
     targets = (
-        (out / part.table / name, kept, table),
-        (out / "_removed" / part.table / name, removed, table),
+        ("kept", out / part.table / name, table.filter(pa.array(kept))),
+        ("removed", out / "_removed" / part.table / name, table.filter(pa.array(removed))),
+        ("rejected", out / "_rejects" / part.table / name, _rejects(raw, rows, rejected)),
     )
-    for path, mask, source in targets:
-        if mask.any():
-            write_table(source.filter(pa.array(mask)), path)
+    for what, path, rows_out in targets:
+        if rows_out.num_rows:
+            write_table(rows_out, path)
         else:
             path.unlink(missing_ok=True)
-    reject_path = out / "_rejects" / part.table / name
-    if rejected.any():
-        original = raw.filter(pa.array(rejected))
-        reasons = rows.filter(pl.col("reject").is_not_null())["reject"].to_list()
-        columns = {n: original.column(n) for n in original.column_names}
-        columns["reject_stage"] = pa.array([STAGE] * len(reasons), pa.string())
-        columns["reject_reason"] = pa.array(reasons, pa.string())
-        write_table(pa.table(columns, schema=rejects_schema(original.schema)), reject_path)
-    else:
-        reject_path.unlink(missing_ok=True)
+        written[what] += rows_out.num_rows
+    return written
+
+
+def _rejects(raw: pa.Table, rows: pl.DataFrame, rejected: np.ndarray) -> pa.Table:
+    """The rejected input rows, unchanged, plus reject_stage and reject_reason."""
+    original = raw.filter(pa.array(rejected))
+    reasons = rows.filter(pl.col("reject").is_not_null())["reject"].to_list()
+    columns = {n: original.column(n) for n in original.column_names}
+    columns["reject_stage"] = pa.array([STAGE] * len(reasons), pa.string())
+    columns["reject_reason"] = pa.array(reasons, pa.string())
+    return pa.table(columns, schema=rejects_schema(original.schema))
 
 
 # --- evaluation and report ---------------------------------------------------------------
@@ -584,7 +641,9 @@ def _truth(parts: list[_Part], table: str, columns: list[str]) -> pl.DataFrame |
     return pl.concat(frames) if frames else None
 
 
-def _evaluate(parts: list[_Part], decisions: _Decisions) -> dict[str, Any]:
+def _evaluate(
+    parts: list[_Part], decisions: _Decisions, query_actions: dict[str, str]
+) -> dict[str, Any]:
     evaluation: dict[str, Any] = {}
     truth = _truth(parts, "products", ["truth_is_noisy", "truth_noise_kind", "truth_source_id"])
     if truth is not None:
@@ -596,7 +655,9 @@ def _evaluate(parts: list[_Part], decisions: _Decisions) -> dict[str, Any]:
                 id=pl.col("product_id"),
                 removed=pl.col("cur_removed"),
                 reason=pl.col("cur_reason"),
-                duplicate_of=pl.coalesce("cur_dup_of", "cur_cl_near_duplicate_of"),
+                duplicate_of=pl.when(pl.col("cur_reason") == "duplicate")
+                .then(pl.col("cur_dup_of"))
+                .otherwise(pl.col("cur_cl_near_duplicate_of")),
                 is_noisy=pl.col("truth_is_noisy"),
                 kind=pl.col("truth_noise_kind"),
                 source_id=pl.col("truth_source_id"),
@@ -607,9 +668,12 @@ def _evaluate(parts: list[_Part], decisions: _Decisions) -> dict[str, Any]:
         frame = pl.concat([decisions.queries, query_truth], how="horizontal").filter(
             pl.col("reject").is_null()
         )
+        own = [c for c, a in query_actions.items() if a == "remove" and c != "positive_removed"]
+        by_own_check = pl.col("cur_flags").list.eval(pl.element().is_in(own)).list.any()
         evaluation["queries"] = evaluate_queries(
             frame.select(
-                removed=pl.col("cur_removed"),
+                removed=by_own_check.fill_null(False),
+                judged=~pl.col("cur_removed") | by_own_check.fill_null(False),
                 reason=pl.col("cur_reason"),
                 is_noisy=pl.col("truth_is_noisy"),
             )
@@ -657,6 +721,20 @@ def _fingerprint(files: list[Path]) -> list[list[Any]]:
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
+def _model_files(spec: str) -> list[list[Any]]:
+    """Size and time of a local model's files, so a model retrained in place is noticed."""
+    path = Path(
+        spec.removeprefix("hf:").split(":")[-1]
+        if spec.startswith("open_clip:")
+        else spec.removeprefix("hf:")
+    )
+    if path.is_file():
+        return _fingerprint([path])
+    if path.is_dir():
+        return _fingerprint(sorted(f for f in path.iterdir() if f.is_file()))
+    return []
+
+
 def filter_catalog(
     catalog: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -702,6 +780,12 @@ def filter_catalog(
             "rows_per_part": config.rows_per_part,
             "encoder": encoder_spec(config) if _needs_encoder(config) else None,
             "text_encoder": text_encoder_spec(config) if _needs_encoder(config) else None,
+            "model_files": [
+                _model_files(encoder_spec(config)),
+                _model_files(text_encoder_spec(config)),
+            ]
+            if _needs_encoder(config)
+            else [],
         },
         "inputs": fingerprints,
     }
@@ -711,18 +795,27 @@ def filter_catalog(
     skipped = _run_scan(out, parts, config, address, ray)
     progress.info("filter: scoring and deciding")
     decisions = _decide_all(out, parts, config, scores_path)
+    written = {table: Counter() for table in inputs}
     with progress.task("filter: writing", len(parts), unit="parts") as bar:
         for part in parts:
             frame = decisions.products if part.table == "products" else decisions.queries
             fields = PRODUCT_SCORE_FIELDS if part.table == "products" else QUERY_SCORE_FIELDS
-            _write_part(out, part, frame, fields)
+            written[part.table] += _write_part(out, part, frame, fields)
             bar.advance()
     counts = {"products": _counts(decisions.products)}
     if decisions.queries is not None:
         counts["queries"] = _counts(decisions.queries)
     for table, figures in counts.items():
-        if figures["kept"] + figures["removed"] + figures["rejected"] != figures["rows_in"]:
-            raise InputError(f"accounting failed for {table}: {figures}")
+        rows_in = sum(p.spec.length for p in parts if p.table == table)
+        files = {k: written[table][k] for k in ("rows_in", "kept", "removed", "rejected")}
+        if (
+            files != figures
+            or figures["kept"] + figures["removed"] + figures["rejected"] != rows_in
+        ):
+            raise InputError(
+                f"accounting failed for {table}: {rows_in} rows in the input, decided "
+                f"{figures}, written {files}"
+            )
     flagged, removed = {}, {}
     for table in counts:
         frame = decisions.products if table == "products" else decisions.queries
@@ -745,7 +838,7 @@ def filter_catalog(
         "seconds": round(time.perf_counter() - started, 2),
         "config": config.model_dump(mode="json"),
     }
-    evaluation = _evaluate(parts, decisions)
+    evaluation = _evaluate(parts, decisions, actions(config, "queries"))
     if evaluation:
         report["evaluation"] = evaluation
     _write_text(out / "filter_report.json", json.dumps(report, indent=2, ensure_ascii=False))

@@ -94,9 +94,10 @@ def evaluate_products(frame: pl.DataFrame) -> dict[str, Any]:
 
 
 def evaluate_queries(frame: pl.DataFrame) -> dict[str, Any]:
-    """``frame``: removed, reason, is_noisy (non-rejected query rows). The figures leave out
-    queries removed because their product was (their own truth says nothing about that)."""
-    own = frame.filter(pl.col("reason").fill_null("") != "positive_removed")
+    """``frame``: removed (by the query's own checks), judged, reason, is_noisy (non-rejected
+    query rows). Queries removed only because their product was are not judged: their own
+    truth says nothing about that."""
+    own = frame.filter(pl.col("judged"))
     out = {
         "overall": prf(
             own.filter(pl.col("removed") & pl.col("is_noisy")).height,
@@ -105,12 +106,9 @@ def evaluate_queries(frame: pl.DataFrame) -> dict[str, Any]:
         ),
         "removed_by_reason_and_truth": {},
     }
+    removed = frame.filter(pl.col("reason").is_not_null())
     for reason, noisy, count in (
-        frame.filter(pl.col("removed"))
-        .group_by("reason", "is_noisy")
-        .len()
-        .sort("reason", "is_noisy")
-        .iter_rows()
+        removed.group_by("reason", "is_noisy").len().sort("reason", "is_noisy").iter_rows()
     ):
         out["removed_by_reason_and_truth"].setdefault(reason, {})["noisy" if noisy else "clean"] = (
             count

@@ -1,7 +1,8 @@
 """The scorers of ``moon2 filter``: each takes arrays of the scanned rows and returns score
 columns (``cur_*``, low = suspicious unless said otherwise) plus boolean flags.
 
-- :func:`exact_duplicates`: identical image bytes and/or normalised titles;
+- :func:`duplicate_groups`: copies (identical image bytes and/or normalised titles, and
+  near-duplicate sets), one kept per group;
 - :func:`cross_consistency`: how well two views of the same product agree (title vs images,
   title vs the rest of the listing), corrected for hubness;
 - :func:`query_margins`: s(query, bought) - max s(query, shown negative);
@@ -30,26 +31,35 @@ MAD_TO_SIGMA = 1.4826
 
 
 def threshold_flags(scores: np.ndarray, threshold: Threshold) -> tuple[np.ndarray, float | None]:
-    """Flags (score below the cut; NaN never flags) and the cut itself."""
+    """Flags (score strictly below the cut; NaN never flags) and the cut itself.
+
+    percentile p: the cut is the score at rank floor(p % of the scored rows), so p % of
+    distinct scores are flagged and tied rows share one fate. robust: when more than half
+    the scores are equal (MAD 0) the standard deviation stands in; with no spread at all
+    nothing is flagged.
+    """
     valid = ~np.isnan(scores)
+    flags = np.zeros(len(scores), bool)
     if not valid.any():
-        return np.zeros(len(scores), bool), None
+        return flags, None
     values = scores[valid]
     if threshold.mode == "value":
         cut = threshold.value
     elif threshold.mode == "percentile":
-        cut = float(np.percentile(values, threshold.value)) if threshold.value > 0 else -np.inf
-        # the lowest value percent, ties at the cut included only when they are below it
-        flags = np.zeros(len(scores), bool)
         count = int(np.floor(len(values) * threshold.value / 100))
-        order = np.argsort(values, kind="stable")[:count]
-        flags[np.flatnonzero(valid)[order]] = True
-        return flags, None if not np.isfinite(cut) else float(cut)
+        if count == 0:
+            return flags, None
+        cut = float(np.sort(values)[min(count, len(values) - 1)])
+        if count >= len(values):
+            cut = float(np.inf)
     else:
         median = float(np.median(values))
-        mad = float(np.median(np.abs(values - median))) * MAD_TO_SIGMA
-        cut = median - threshold.value * mad
-    flags = np.zeros(len(scores), bool)
+        spread = float(np.median(np.abs(values - median))) * MAD_TO_SIGMA
+        if spread == 0:
+            spread = float(np.std(values))
+        if spread == 0:
+            return flags, None
+        cut = median - threshold.value * spread
     flags[valid] = values < cut
     return flags, float(cut)
 
@@ -57,57 +67,85 @@ def threshold_flags(scores: np.ndarray, threshold: Threshold) -> tuple[np.ndarra
 # --- exact duplicates ---------------------------------------------------------------------
 
 
-def exact_duplicates(
-    title_keys: Sequence[str | None],
-    image_keys: Sequence[str | None],
-    keys: Sequence[str],
+def duplicate_keys(
+    title_keys: Sequence[str | None], image_keys: Sequence[str | None], keys: Sequence[str]
+) -> list[list[str]]:
+    """Each row's exact-duplicate keys under ``keys`` (``images``: all image bytes in order;
+    ``title``: the normalised title; ``title_and_images``: both, for rows with a title)."""
+    out: list[list[str]] = []
+    for title, images in zip(title_keys, image_keys, strict=True):
+        row = []
+        if "images" in keys and images is not None:
+            row.append("i\x1f" + images)
+        if "title" in keys and title is not None:
+            row.append("t\x1f" + title)
+        if "title_and_images" in keys and title is not None:
+            row.append("ti\x1f" + title + "\x1f" + (images or ""))
+        out.append(row)
+    return out
+
+
+class _Components:
+    """Union-find over row numbers; a component's root is its smallest row."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, row: int) -> int:
+        while self.parent[row] != row:
+            self.parent[row] = self.parent[self.parent[row]]
+            row = self.parent[row]
+        return row
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+
+
+@dataclass
+class DuplicateGroups:
+    kept_copy: np.ndarray
+    """for every row in a duplicate group that is not the group's kept row: that row; -1"""
+    exact: np.ndarray
+    """the row shares an exact key with another row of the catalog"""
+
+
+def duplicate_groups(
+    keys: Sequence[Sequence[str]],
+    near_sets: Sequence[Sequence[int]] | None,
     eligible: np.ndarray,
-    representative: np.ndarray | None = None,
-) -> np.ndarray:
-    """For each eligible row, the earliest row it duplicates (-1 when none) under ``keys``
-    (``images``, ``title``, ``title_and_images``). Only ``representative`` rows (default: the
-    eligible ones) can be the copy that is kept, so a group whose first row goes for another
-    reason keeps its next one."""
-    n = len(title_keys)
-    representative = eligible if representative is None else representative & eligible
-    frame = pl.DataFrame(
-        {
-            "row": np.arange(n, dtype=np.int64),
-            "title": pl.Series(list(title_keys), dtype=pl.String),
-            "images": pl.Series(list(image_keys), dtype=pl.String),
-            "eligible": eligible,
-            "candidate": pl.Series(np.where(representative, np.arange(n), n), dtype=pl.Int64),
-        }
-    ).with_columns(
-        pl.when(pl.col("title").is_not_null() & pl.col("images").is_not_null())
-        .then(pl.col("title") + "\x1f" + pl.col("images"))
-        .when(pl.col("title").is_not_null())
-        .then(pl.col("title") + "\x1f")
-        .alias("title_and_images")
-    )
-    first = np.full(n, n, np.int64)
-    for key in keys:
-        firsts = (
-            frame.filter(pl.col("eligible") & pl.col(key).is_not_null())
-            .with_columns(first=pl.col("candidate").min().over(key))
-            .select("row", "first")
-        )
-        rows = firsts["row"].to_numpy()
-        first[rows] = np.minimum(first[rows], firsts["first"].to_numpy())
-    return np.where(first < np.arange(n), first, -1)
-
-
-def near_duplicate_partner(
-    sets: Sequence[Sequence[int]], flagged: np.ndarray, representative: np.ndarray
-) -> np.ndarray:
-    """For each flagged row, the earliest representative row of its near-duplicate set when
-    that row comes before it (-1 otherwise): the first kept copy stays."""
-    partner = np.full(len(sets), -1, np.int64)
-    for row in np.flatnonzero(flagged):
-        members = [int(m) for m in sets[row] if representative[int(m)]]
-        if members and min(members) < row:
-            partner[row] = min(members)
-    return partner
+    stays: np.ndarray,
+) -> DuplicateGroups:
+    """Group rows that share an exact key or (with ``near_sets``) sit in one near-duplicate
+    set, transitively, and keep one row per group: its earliest row that ``stays`` (is not
+    removed for another reason). Every other member is a copy of that row, so nothing is
+    removed in favour of a row that goes too. A group with no staying row keeps none."""
+    n = len(keys)
+    groups = _Components(n)
+    first_with: dict[str, int] = {}
+    exact = np.zeros(n, bool)
+    for row in np.flatnonzero(eligible):
+        for key in keys[row]:
+            if key in first_with:
+                groups.union(first_with[key], int(row))
+                exact[row] = exact[first_with[key]] = True
+            else:
+                first_with[key] = int(row)
+    for row, members in enumerate(near_sets or []):
+        if eligible[row]:
+            for member in members:
+                if eligible[member]:
+                    groups.union(row, int(member))
+    kept = {}
+    for row in np.flatnonzero(eligible & stays):
+        kept.setdefault(groups.find(int(row)), int(row))
+    kept_copy = np.full(n, -1, np.int64)
+    for row in np.flatnonzero(eligible):
+        keeper = kept.get(groups.find(int(row)), -1)
+        if keeper >= 0 and keeper != row:
+            kept_copy[row] = keeper
+    return DuplicateGroups(kept_copy, exact)
 
 
 # --- embedding consistency ----------------------------------------------------------------

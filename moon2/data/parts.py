@@ -125,4 +125,6 @@ def check_plan(
                 "with --no-resume to start over, or choose another OUT"
             )
     parts_dir.mkdir(parents=True, exist_ok=True)
-    plan_path.write_text(json.dumps(plan, indent=1, sort_keys=True))
+    temp = plan_path.with_name(f".{plan_path.name}.tmp-{os.getpid()}")
+    temp.write_text(json.dumps(plan, indent=1, sort_keys=True))
+    os.replace(temp, plan_path)
