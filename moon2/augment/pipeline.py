@@ -47,7 +47,7 @@ from moon2.augment.stages import (
     provenance,
 )
 from moon2.data.io import resolve_files, write_table
-from moon2.data.parts import PartSpec, check_plan, from_ipc, init_ray, plan_parts
+from moon2.data.parts import PartSpec, check_plan, fingerprint, from_ipc, init_ray, plan_parts
 from moon2.data.schema import PRODUCTS, rejects_schema
 from moon2.errors import InputError
 
@@ -62,10 +62,6 @@ class AugmentResult:
     parts_skipped: int
     seconds: float
     manifest: dict[str, Any] = field(default_factory=dict)
-
-
-def _fingerprint(files: list[Path]) -> list[list[Any]]:
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -277,7 +273,7 @@ def augment(
     specs = plan_parts(files, config.rows_per_part, limit, PRODUCTS)
     plan = {
         "config": config.model_dump(mode="json"),
-        "inputs": _fingerprint(files),
+        "inputs": fingerprint(files),
         "limit": limit,
     }
     check_plan(out, plan, resume, ("products", "_rejects", "_parts"), "augment")

@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from moon2.curate.report import prf
 from moon2.train.config import FilterConfig
 
 
@@ -91,17 +92,15 @@ def detection_report(
         tp = frame.filter(pl.col("flagged") & pl.col("is_noisy")).height
         fp = frame.filter(pl.col("flagged") & ~pl.col("is_noisy")).height
         fn = frame.filter(~pl.col("flagged") & pl.col("is_noisy")).height
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        figures = prf(tp, fp, fn)
         noisy = frame.filter(pl.col("is_noisy"))
         clean = frame.filter(~pl.col("is_noisy"))
         out[f"epoch-{int(epoch[0]):03d}"] = {
             "flagged": tp + fp,
             "noisy": tp + fn,
-            "precision": round(precision, 4),
-            "recall": round(recall, 4),
-            "f1": round(f1, 4),
+            "precision": figures["precision"],
+            "recall": figures["recall"],
+            "f1": figures["f1"],
             "mean_margin_noisy": _mean(noisy, "margin"),
             "mean_margin_clean": _mean(clean, "margin"),
             "mean_loss_noisy": _mean(noisy, "loss"),

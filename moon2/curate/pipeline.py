@@ -50,10 +50,11 @@ from moon2.curate.scan import (
     scan_queries,
     text_encoder_spec,
 )
-from moon2.data.io import resolve_files, write_table
+from moon2.data.io import atomic_path, resolve_files, write_table
 from moon2.data.parts import (
     PartSpec,
     check_plan,
+    fingerprint,
     from_ipc,
     init_ray,
     plan_parts,
@@ -430,6 +431,7 @@ def _polars_type(name: str) -> pl.DataType:
 
 
 def _score_queries(
+    frame: pl.DataFrame,
     scan: _Scan,
     products_scan: _Scan,
     products: pl.DataFrame,
@@ -437,10 +439,7 @@ def _score_queries(
     config: CurateConfig,
     cuts: dict[str, float | None],
 ) -> tuple[pl.DataFrame, dict[str, np.ndarray]]:
-    frame = pl.from_arrow(
-        scan.select(["row", "where", "query_id", "reject", "positive_id", "negative_ids"])
-    )
-    frame = _duplicate_ids(frame, "query_id")
+    """``frame``: the light query columns with duplicate ids already rejected."""
     valid_products = products.filter(pl.col("reject").is_null())
     row_of = dict(
         zip(valid_products["product_id"].to_list(), valid_products["row"].to_list(), strict=True)
@@ -523,18 +522,20 @@ def _decide_all(
         dynamics, cuts["queries"]["dynamics"] = scorers.training_dynamics(
             scorers.read_training_scores(training_scores), config.dynamics
         )
-    queries_light = (
+    queries_frame = (
         None
         if queries_scan is None
         else _duplicate_ids(
             pl.from_arrow(
-                queries_scan.select(["row", "where", "query_id", "reject", "positive_id"])
+                queries_scan.select(
+                    ["row", "where", "query_id", "reject", "positive_id", "negative_ids"]
+                )
             ),
             "query_id",
         )
     )
     products, flags = _score_products(
-        products_scan, config, cuts["products"], queries_light, dynamics
+        products_scan, config, cuts["products"], queries_frame, dynamics
     )
     products = pl.concat(
         [products, decide(flags, PRODUCT_CHECKS, actions(config, "products"), products.height)],
@@ -543,7 +544,7 @@ def _decide_all(
     queries = None
     if queries_scan is not None:
         queries, query_flags = _score_queries(
-            queries_scan, products_scan, products, dynamics, config, cuts["queries"]
+            queries_frame, queries_scan, products_scan, products, dynamics, config, cuts["queries"]
         )
         queries = pl.concat(
             [
@@ -717,10 +718,6 @@ def _inputs(catalog: Path) -> dict[str, Path]:
     return {"products": catalog}
 
 
-def _fingerprint(files: list[Path]) -> list[list[Any]]:
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
 def _model_files(spec: str) -> list[list[Any]]:
     """Size and time of a local model's files, so a model retrained in place is noticed."""
     path = Path(
@@ -729,9 +726,9 @@ def _model_files(spec: str) -> list[list[Any]]:
         else spec.removeprefix("hf:")
     )
     if path.is_file():
-        return _fingerprint([path])
+        return fingerprint([path])
     if path.is_dir():
-        return _fingerprint(sorted(f for f in path.iterdir() if f.is_file()))
+        return fingerprint(sorted(f for f in path.iterdir() if f.is_file()))
     return []
 
 
@@ -765,7 +762,7 @@ def filter_catalog(
     fingerprints: dict[str, Any] = {}
     for table, path in inputs.items():
         files = resolve_files(path)
-        fingerprints[table] = _fingerprint(files)
+        fingerprints[table] = fingerprint(files)
         first_row = 0
         spec = PRODUCTS if table == "products" else QUERIES
         for part_spec in plan_parts(files, config.rows_per_part, None, spec):
@@ -841,12 +838,10 @@ def filter_catalog(
     evaluation = _evaluate(parts, decisions, actions(config, "queries"))
     if evaluation:
         report["evaluation"] = evaluation
-    _write_text(out / "filter_report.json", json.dumps(report, indent=2, ensure_ascii=False))
-    _write_text(out / "filter_report.md", render_markdown(report))
+    for name, text in (
+        ("filter_report.json", json.dumps(report, indent=2, ensure_ascii=False)),
+        ("filter_report.md", render_markdown(report)),
+    ):
+        with atomic_path(out / name) as temp:
+            temp.write_text(text, encoding="utf-8")
     return FilterResult(out, counts, report, report["seconds"])
-
-
-def _write_text(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)

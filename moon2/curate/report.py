@@ -46,7 +46,8 @@ def _resolve_duplicate_pairs(frame: pl.DataFrame) -> pl.DataFrame:
     copies counted as the copies' removal."""
     removed = frame["removed"].to_list()
     noisy = frame["is_noisy"].to_list()
-    row_of = {pid: i for i, pid in enumerate(frame["id"].to_list())}
+    ids = frame["id"].to_list()
+    row_of = {pid: i for i, pid in enumerate(ids)}
     sources = frame["source_id"].to_list()
     reasons = frame["reason"].to_list()
     partners = frame["duplicate_of"].to_list()
@@ -54,7 +55,7 @@ def _resolve_duplicate_pairs(frame: pl.DataFrame) -> pl.DataFrame:
         if not removed[i] or noisy[i] or reasons[i] not in DUPLICATE_REASONS:
             continue
         j = row_of.get(partners[i]) if partners[i] is not None else None
-        if j is not None and noisy[j] and not removed[j] and sources[j] == frame["id"][i]:
+        if j is not None and noisy[j] and not removed[j] and sources[j] == ids[i]:
             removed[i], removed[j] = False, True
     return frame.with_columns(removed_eval=pl.Series(removed, dtype=pl.Boolean))
 

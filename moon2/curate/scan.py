@@ -120,8 +120,11 @@ def _vectors(encoder: Encoder, items: list[EncodeItem | None], batch_size: int) 
     return out
 
 
-def _vector_type(dim: int) -> pa.DataType:
-    return pa.list_(pa.float32(), dim)
+def _vector_column(vectors: list, dim: int) -> pa.Array:
+    """Vectors (None where absent) as a fixed-size list<float32> column."""
+    return pa.array(
+        [None if v is None else v.tolist() for v in vectors], pa.list_(pa.float32(), dim)
+    )
 
 
 def scan_products(
@@ -137,6 +140,7 @@ def scan_products(
     attributes = table.column("attributes").to_pylist()
     images = table.column("images").to_pylist()
     n = table.num_rows
+    wheres = [f"{spec.file} row {spec.offset + i}" for i in range(n)]
     rejects: list[str | None] = [None] * n
     title_items: list[EncodeItem | None] = [None] * n
     image_items: list[EncodeItem | None] = [None] * n
@@ -148,7 +152,7 @@ def scan_products(
     for i in range(n):
         title = (titles[i] or "").strip()
         cells = [c for c in images[i] or [] if c is not None]
-        where = f"{spec.file} row {spec.offset + i}"
+        where = wheres[i]
         if not (ids[i] or "").strip():
             rejects[i] = f"{where}, column product_id: null or empty"
             continue
@@ -171,7 +175,7 @@ def scan_products(
             product_items[i] = EncodeItem(text=title or None, images=decoded)
     columns: dict[str, Any] = {
         "row": pa.array(range(first_row, first_row + n), pa.int64()),
-        "where": pa.array([f"{spec.file} row {spec.offset + i}" for i in range(n)]),
+        "where": pa.array(wheres, pa.string()),
         "product_id": pa.array(ids, pa.string()),
         "reject": pa.array(rejects, pa.string()),
         "title_key": pa.array([normalise_title(t) or None for t in titles], pa.string()),
@@ -205,9 +209,7 @@ def scan_products(
             (TEXT_VECTORS, text_vectors, encoders.text.dim),
         ):
             for name in names:
-                columns[name] = pa.array(
-                    [None if v is None else v.tolist() for v in source[name]], _vector_type(dim)
-                )
+                columns[name] = _vector_column(source[name], dim)
     return pa.table(columns)
 
 
@@ -231,11 +233,12 @@ def scan_queries(
     images = table.column("query_image").to_pylist()
     positives = table.column("positive_id").to_pylist()
     n = table.num_rows
+    wheres = [f"{spec.file} row {spec.offset + i}" for i in range(n)]
     rejects: list[str | None] = [None] * n
     items: list[EncodeItem | None] = [None] * n
     encoder = encoders.model if encoders is not None else None
     for i in range(n):
-        where = f"{spec.file} row {spec.offset + i}"
+        where = wheres[i]
         text = (texts[i] or "").strip()
         if not (ids[i] or "").strip():
             rejects[i] = f"{where}, column query_id: null or empty"
@@ -251,15 +254,12 @@ def scan_queries(
                 items[i] = EncodeItem(text=text or None, images=decoded)
     columns: dict[str, Any] = {
         "row": pa.array(range(first_row, first_row + n), pa.int64()),
-        "where": pa.array([f"{spec.file} row {spec.offset + i}" for i in range(n)]),
+        "where": pa.array(wheres, pa.string()),
         "query_id": pa.array(ids, pa.string()),
         "reject": pa.array(rejects, pa.string()),
         "positive_id": pa.array(positives, pa.string()),
         "negative_ids": table.column("negative_ids"),
     }
     if encoder is not None:
-        columns["query_vec"] = pa.array(
-            [None if v is None else v.tolist() for v in _vectors(encoder, items, batch_size)],
-            _vector_type(encoder.dim),
-        )
+        columns["query_vec"] = _vector_column(_vectors(encoder, items, batch_size), encoder.dim)
     return pa.table(columns)

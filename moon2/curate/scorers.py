@@ -151,23 +151,19 @@ def duplicate_groups(
 # --- embedding consistency ----------------------------------------------------------------
 
 
-def _neighbour_mean(
-    queries: np.ndarray,
-    candidates: np.ndarray,
-    query_rows: np.ndarray,
-    cand_rows: np.ndarray,
-    k: int,
-) -> np.ndarray:
-    """Mean cosine of each query to its ``k`` nearest candidates other than its own row."""
-    want = min(k + 1, len(cand_rows))
-    scores, indices = topk_search(queries, candidates, want)
-    own = cand_rows[indices] == query_rows[:, None]
-    # drop the row's own candidate where it is among the top, else the last (k+1-th) one
+def nearest_others(
+    queries: np.ndarray, candidates: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and indices ``[n, min(k, n - 1)]`` of each row's nearest candidates other than
+    itself (row i of ``queries`` and of ``candidates`` is the same item), best first. Among
+    exact ties the row itself may fall outside the top k + 1; the (k+1)-th is dropped then."""
+    n = len(queries)
+    k = min(k, n - 1)
+    scores, indices = topk_search(queries, candidates, k + 1)
+    own = indices == np.arange(n)[:, None]
     keep = ~own
-    no_self = ~own.any(1)
-    keep[no_self, want - 1] = want - 1 < k
-    counts = keep.sum(1)
-    return np.where(counts > 0, (scores * keep).sum(1) / np.maximum(counts, 1), 0.0)
+    keep[~own.any(1), k] = False
+    return scores[keep].reshape(n, k), indices[keep].reshape(n, k)
 
 
 def cross_consistency(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
@@ -185,8 +181,8 @@ def cross_consistency(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
         return out
     a_rows, b_rows = a[both], b[both]
     raw = np.einsum("ij,ij->i", a_rows, b_rows)
-    r_b = _neighbour_mean(a_rows, b_rows, both, both, k)
-    r_a = _neighbour_mean(b_rows, a_rows, both, both, k)
+    r_b = nearest_others(a_rows, b_rows, k)[0].mean(1)
+    r_a = nearest_others(b_rows, a_rows, k)[0].mean(1)
     out[both] = raw - 0.5 * (r_a + r_b)
     return out
 
@@ -229,14 +225,8 @@ class CleanlabResult:
 def knn_graph(vectors: np.ndarray, k: int) -> csr_matrix:
     """Exact cosine kNN graph (self excluded) in cleanlab's format: CSR, distances sorted."""
     n = len(vectors)
-    k = min(k, n - 1)
-    scores, indices = topk_search(vectors, vectors, k + 1)
-    rows = np.arange(n)[:, None]
-    own = indices == rows
-    keep = ~own
-    keep[~own.any(1), k] = False
-    scores = scores[keep].reshape(n, k)
-    indices = indices[keep].reshape(n, k)
+    scores, indices = nearest_others(vectors, vectors, k)
+    k = scores.shape[1]
     distances = np.clip(1.0 - scores, 0.0, 2.0).astype(np.float64)
     order = np.argsort(distances, 1, kind="stable")
     distances = np.take_along_axis(distances, order, 1)
@@ -389,7 +379,7 @@ def training_dynamics(
     used = epochs[config.skip_epochs :] or epochs[-1:]
     per_sample = (
         scores.filter(pl.col("epoch").is_in(used))
-        .group_by("sample_id", maintain_order=True)
+        .group_by("sample_id")
         .agg(
             cur_dyn_loss=pl.col("loss").mean(),
             cur_dyn_margin=pl.col("margin").mean(),

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moon2.data.io import open_parquet
+from moon2.data.io import atomic_path, open_parquet
 from moon2.data.schema import TableSpec, check_columns
 from moon2.errors import ConfigError
 
@@ -32,6 +32,12 @@ class PartSpec:
     file_index: int
     offset: int
     length: int
+
+
+def fingerprint(files: list[Path]) -> list[list[Any]]:
+    """Path, size and modification time of each file: what a resumed job checks its input
+    against."""
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def part_key(file_index: int, offset: int) -> str:
@@ -124,7 +130,5 @@ def check_plan(
                 f"{out} holds a previous {stage} run with a different {', '.join(changed)}; re-run "
                 "with --no-resume to start over, or choose another OUT"
             )
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    temp = plan_path.with_name(f".{plan_path.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(plan, indent=1, sort_keys=True))
-    os.replace(temp, plan_path)
+    with atomic_path(plan_path) as temp:
+        temp.write_text(json.dumps(plan, indent=1, sort_keys=True))
