@@ -20,7 +20,8 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["synth"], ["validate"], ["convert", "mbe"], ["demo"], ["filter"]]
+    "command",
+    [[], ["synth"], ["validate"], ["convert", "mbe"], ["demo"], ["filter"], ["ablate"], ["report"]],
 )
 def test_help(command):
     result = runner.invoke(app, [*command, "--help"])
@@ -40,15 +41,6 @@ def test_bad_config_is_one_sentence_exit_2(tmp_path):
     assert result.exit_code == 2
     assert "error: invalid SynthConfig in" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_demo_runs_and_resumes(tmp_path):
-    result = runner.invoke(app, ["demo", str(tmp_path), "--products", "60"])
-    assert result.exit_code == 0, result.output
-    assert "catalog: 60 products, 120 queries" in result.stdout
-    assert (tmp_path / "validation.json").exists()
-    again = runner.invoke(app, ["demo", str(tmp_path), "--products", "60"])
-    assert again.exit_code == 0
 
 
 def _digests(root: Path) -> dict[str, str]:

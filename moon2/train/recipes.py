@@ -75,3 +75,20 @@ def default_recipe() -> Path | None:
     """configs/train/tiny-cpu.yaml when running from a checkout, else None (code defaults)."""
     path = Path(__file__).resolve().parents[2] / "configs" / "train" / f"{DEFAULT_RECIPE}.yaml"
     return path if path.exists() else None
+
+
+def load_recipe(
+    path: str | Path | None = None,
+    *,
+    seed: int | None = None,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+) -> TrainConfig:
+    """The recipe at ``path`` (default: tiny-cpu, from configs/ or the code defaults when
+    installed without it) with the command-line overrides applied."""
+    config = TrainConfig.from_yaml(path or default_recipe(), seed=seed)
+    if epochs is not None:
+        config.optim.epochs = epochs
+    if max_steps is not None:
+        config.optim.max_steps = max_steps
+    return config

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from moon2 import progress
 from moon2.curate.dynamic import FilterPolicy, detection_report
-from moon2.data.io import PartWriter
+from moon2.data.io import PartWriter, atomic_path
 from moon2.data.schema import rejects_schema
 from moon2.errors import InputError
 from moon2.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -300,8 +300,8 @@ def train(
         pixel_cache_mb=config.data.pixel_cache_mb,
     )
     metrics_path = out / "metrics.jsonl"
-    if is_main and checkpoint is None and metrics_path.exists():
-        metrics_path.unlink()
+    if is_main and metrics_path.exists():
+        _truncate_metrics(metrics_path, update)
     runtime_rejects: dict[str, str] = {}
     seen_samples = 0
     window_start = time.perf_counter()
@@ -538,6 +538,29 @@ def _finish_epoch(out: Path, epoch: int, scores: list[dict], is_main: bool) -> p
         )
         _partial_path(out, epoch).unlink(missing_ok=True)
     return frame
+
+
+def _truncate_metrics(path: Path, update: int) -> None:
+    """Keep the records up to ``update`` (the resumed checkpoint's; 0 = a fresh run), so the
+    steps a killed run logged after its last checkpoint are not there twice."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            # a line cut by the kill that interrupted the run (or not a record at all)
+            progress.warn(f"{path} line {number}: not a metrics record, dropped on resume")
+            continue
+        if step <= update:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if not kept:
+        path.unlink()
+    elif len(kept) != len(lines):
+        with atomic_path(path) as temp:
+            temp.write_text("".join(kept), encoding="utf-8")
 
 
 def _log(

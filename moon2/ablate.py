@@ -1,0 +1,306 @@
+"""``moon2 ablate``: the paper's ablation grid (full model and four ablations) on your data.
+
+Every variant trains with the same recipe, budget (epochs / updates) and seeds, and is
+evaluated with ``moon2 eval`` on the same benchmark. Layout of OUT::
+
+    <variant>/seed-<s>/run/     a moon2 train output (train_config.yaml is the resolved recipe)
+    <variant>/seed-<s>/eval/    a moon2 eval output (results.json, results.md)
+    ablation.json               every run's headline metrics, mean and std per variant
+    ablation.md                 the table in the layout of the paper's ablation table
+    _parts/plan.json            the data, benchmark and recipe every run must share
+
+A run whose eval finished is skipped on a re-run; an interrupted training resumes from its
+newest checkpoint, so killing and re-running gives the same table. The table covers every
+finished run in OUT: seeds and variants can be added by later calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+
+from moon2 import progress
+from moon2.data.io import atomic_path, read_schema, resolve_files
+from moon2.data.parts import check_plan, fingerprint
+from moon2.errors import InputError
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    overrides: dict[str, dict[str, Any]]
+    paper: tuple[float, ...]
+    """The paper's MBE2.0 numbers (R@10 / accuracy, %) in ALL_TASKS order."""
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("full", "MOON2.0", {}, (63.09, 91.08, 94.21, 73.12, 64.91, 68.08, 84.29)),
+    Variant(
+        "no_moe",
+        "w/o MoE",
+        {"moe": {"enabled": False}},
+        (51.29, 74.59, 78.45, 62.16, 56.21, 62.55, 75.62),
+    ),
+    Variant(
+        "no_dual",
+        "w/o dual-level alignment",
+        {"loss": {"intra": False}},
+        (37.99, 65.72, 67.45, 31.45, 23.35, 57.12, 67.24),
+    ),
+    Variant(
+        "no_coaug",
+        "w/o co-augmentation",
+        {"data": {"use_augmented": False}},
+        (59.69, 78.17, 80.62, 64.79, 58.68, 66.21, 77.77),
+    ),
+    Variant(
+        "no_filter",
+        "w/o dynamic filtering",
+        {"filter": {"enabled": False}},
+        (60.63, 83.40, 80.00, 70.40, 63.21, 67.99, 84.04),
+    ),
+)
+VARIANT_NAMES: tuple[str, ...] = tuple(v.name for v in VARIANTS)
+
+
+@dataclass
+class AblationResult:
+    out_dir: Path
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, dict[str, dict[str, float | int | None]]] = field(default_factory=dict)
+    markdown: str = ""
+    seconds: float = 0.0
+
+
+def resolve_inputs(data: Path, bench: Path | None) -> tuple[Path, Path]:
+    """DATA may be a ``moon2 demo`` folder: its cur/ trains and its bench/ evaluates, once
+    both stages have finished (filter writes its report last)."""
+    if bench is None:
+        if not (data / "cur").is_dir() or not (data / "bench").is_dir():
+            raise InputError(
+                f"{data} is not a moon2 demo folder (no cur/ and bench/); pass the benchmark "
+                "to evaluate on with --bench"
+            )
+        for needed in (data / "cur" / "filter_report.json", data / "bench" / "manifest.json"):
+            if not needed.exists():
+                raise InputError(
+                    f"{needed} is missing: the demo in {data} has not finished that stage yet; "
+                    "re-run moon2 demo first"
+                )
+        return data / "cur", data / "bench"
+    if not (data / "products").is_dir() or not (data / "queries").is_dir():
+        raise InputError(f"{data} has no products/ and queries/ folders to train on")
+    if not (bench / "manifest.json").exists():
+        raise InputError(f"{bench} is not a moon2 build-bench output (no manifest.json)")
+    return data, bench
+
+
+def variant_config(base: Any, variant: Variant, seed: int) -> Any:
+    """``base`` (a TrainConfig) with the variant's switches and the seed applied."""
+    from moon2.train.config import TrainConfig
+
+    dumped = base.model_dump()
+    for section, values in variant.overrides.items():
+        dumped[section] = {**dumped[section], **values}
+    dumped["seed"] = seed
+    return TrainConfig.model_validate(dumped)
+
+
+def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """variant -> task -> {mean, std, n} over the seeds (sample std; None with one seed)."""
+    from moon2.bench.config import ALL_TASKS
+
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant in dict.fromkeys(run["variant"] for run in runs):
+        of_variant = [run for run in runs if run["variant"] == variant]
+        out[variant] = {}
+        for task in ALL_TASKS:
+            values = [r["metrics"][task] for r in of_variant if r["metrics"].get(task) is not None]
+            if not values:
+                out[variant][task] = {"mean": None, "std": None, "n": 0}
+                continue
+            mean = sum(values) / len(values)
+            std = (
+                math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                if len(values) > 1
+                else None
+            )
+            out[variant][task] = {"mean": mean, "std": std, "n": len(values)}
+    return out
+
+
+def render_markdown(summary: dict[str, dict[str, dict[str, Any]]], about: dict[str, Any]) -> str:
+    """The paper's layout: one row per model, R@10 for retrieval and accuracy for cls/attr,
+    mean ± std over seeds in %, and each ablation's change from the full model."""
+    from moon2.bench.config import ALL_TASKS
+
+    by_name = {v.name: v for v in VARIANTS}
+    tasks = [t for t in ALL_TASKS if any(summary[v][t]["n"] for v in summary)]
+    full = summary.get("full")
+    lines = [
+        "# moon2 ablate",
+        "",
+        f"Trained on `{about['data']}`, evaluated on `{about['bench']}`; recipe "
+        f"`{about['recipe']}`, {about['budget']}. R@10 (retrieval) and accuracy (cls, attr) in "
+        "%, mean ± sample std over the seeds (the `seeds` column); in brackets the change from "
+        "the full model.",
+        "",
+        "| model | seeds | " + " | ".join(tasks) + " |",
+        "|---|---|" + "---:|" * len(tasks),
+    ]
+    for name, tasks_summary in summary.items():
+        cells = []
+        for task in tasks:
+            cell = tasks_summary[task]
+            if cell["mean"] is None:
+                cells.append("-")
+                continue
+            text = f"{100 * cell['mean']:.1f}"
+            if cell["std"] is not None:
+                text += f" ± {100 * cell['std']:.1f}"
+            if full is not None and name != "full" and full[task]["mean"] is not None:
+                text += f" ({100 * (cell['mean'] - full[task]['mean']):+.1f})"
+            cells.append(text)
+        counts = sorted({tasks_summary[t]["n"] for t in tasks if tasks_summary[t]["n"]})
+        seeds = "/".join(map(str, counts)) or "0"
+        lines.append(f"| {by_name[name].label} | {seeds} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The paper's table on MBE2.0 (Qwen2.5-VL-3B, 5.75 M training triplets), same columns:",
+        "",
+        "| model | " + " | ".join(tasks) + " |",
+        "|---|" + "---:|" * len(tasks),
+    ]
+    for variant in VARIANTS:
+        if variant.name in summary:
+            paper = dict(zip(ALL_TASKS, variant.paper, strict=True))
+            lines.append(
+                f"| {variant.label} | " + " | ".join(f"{paper[t]:.2f}" for t in tasks) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def collect_runs(out: Path) -> list[dict[str, Any]]:
+    """Every finished run under ``out`` (all seeds of every variant, in table order): the
+    table covers what is on disk, not only what this call trained."""
+    from moon2.pipeline import headline_metrics
+
+    runs = []
+    for variant in VARIANTS:
+        seeds = []
+        for where in (out / variant.name).glob("seed-*"):
+            suffix = where.name.removeprefix("seed-")
+            if suffix.isdigit() and (where / "eval" / "results.json").exists():
+                seeds.append((int(suffix), where))
+        for seed, where in sorted(seeds):
+            summary_path = where / "run" / "train_summary.json"
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+            runs.append(
+                {
+                    "variant": variant.name,
+                    "seed": seed,
+                    "metrics": headline_metrics(where / "eval" / "results.json"),
+                    "train_seconds": summary.get("seconds"),
+                    "updates": summary.get("updates"),
+                }
+            )
+    return runs
+
+
+def run_ablation(
+    data_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    bench_dir: str | os.PathLike[str] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    variants: Sequence[str] = VARIANT_NAMES,
+    config: str | os.PathLike[str] | None = None,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    resume: bool = True,
+) -> AblationResult:
+    """Train and evaluate every (variant, seed); finished runs are kept and skipped."""
+    from moon2.bench.config import EvalConfig
+    from moon2.bench.evaluate import evaluate
+    from moon2.train.recipes import load_recipe
+    from moon2.train.trainer import train
+
+    started = time.perf_counter()
+    unknown = [v for v in variants if v not in VARIANT_NAMES]
+    if unknown or not variants:
+        raise InputError(
+            f"unknown variant(s) {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(VARIANT_NAMES)}"
+        )
+    seeds = list(dict.fromkeys(seeds))
+    if not seeds:
+        raise InputError("no seeds to run: give at least one")
+    data, bench = resolve_inputs(Path(data_dir), Path(bench_dir) if bench_dir else None)
+    data, bench = data.resolve(), bench.resolve()
+    chosen = [v for v in VARIANTS if v.name in variants]
+    columns = set(read_schema(data / "products").names)
+    if not {"aug_title", "aug_images"} & columns:
+        if any(v.name == "no_coaug" for v in chosen):
+            raise InputError(
+                f"{data / 'products'} has no aug_title or aug_images column, so 'w/o "
+                "co-augmentation' would train the same model as the full one; run moon2 "
+                "augment first, or leave no_coaug out of --variants"
+            )
+        progress.warn(f"{data / 'products'} has no aug_* columns: 'MOON2.0' trains without them")
+    base = load_recipe(config, epochs=epochs, max_steps=max_steps)
+    files = [*resolve_files(data / "products"), *resolve_files(data / "queries")]
+    manifest = (bench / "manifest.json").read_bytes()
+    out = Path(out_dir)
+    # seeds and variants are left out: more of either can join the same table later
+    plan = {
+        "data": fingerprint(files),
+        "bench": hashlib.sha256(manifest).hexdigest(),
+        "config": base.model_dump(mode="json"),
+    }
+    check_plan(out, plan, resume, VARIANT_NAMES, "ablation")
+
+    total = len(chosen) * len(seeds)
+    number = 0
+    for seed in seeds:
+        for variant in chosen:
+            number += 1
+            where = out / variant.name / f"seed-{seed}"
+            heading = f"[bold]{number}/{total} {escape(variant.label)}, seed {seed}[/bold]"
+            if (where / "eval" / "results.json").exists():
+                progress.info(f"{heading}: done earlier", markup=True)
+                continue
+            progress.info(f"{heading} -> {escape(str(where))}", markup=True)
+            if not (where / "run" / "train_summary.json").exists():
+                train(data, where / "run", variant_config(base, variant, seed), resume=True)
+            evaluate(str(where / "run" / "final"), bench, where / "eval", EvalConfig())
+
+    result = AblationResult(out, runs=collect_runs(out))
+    result.summary = summarise(result.runs)
+    budget = f"{base.optim.epochs} epochs" + (
+        f", at most {base.optim.max_steps} updates" if base.optim.max_steps else ""
+    )
+    about = {
+        "data": str(data),
+        "bench": str(bench),
+        "recipe": str(config) if config else "tiny-cpu",
+        "budget": budget,
+    }
+    result.markdown = render_markdown(result.summary, about)
+    result.seconds = time.perf_counter() - started
+    document = {"about": about, "runs": result.runs, "summary": result.summary}
+    for name, text in (
+        ("ablation.json", json.dumps(document, indent=2)),
+        ("ablation.md", result.markdown),
+    ):
+        with atomic_path(out / name) as temp:
+            temp.write_text(text, encoding="utf-8")
+    return result
