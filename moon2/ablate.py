@@ -16,7 +16,6 @@ finished run in OUT: seeds and variants can be added by later calls.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -230,7 +229,7 @@ def run_ablation(
 ) -> AblationResult:
     """Train and evaluate every (variant, seed); finished runs are kept and skipped."""
     from moon2.bench.config import EvalConfig
-    from moon2.bench.evaluate import evaluate
+    from moon2.bench.evaluate import evaluate, manifest_hash
     from moon2.train.recipes import load_recipe
     from moon2.train.trainer import train
 
@@ -258,12 +257,11 @@ def run_ablation(
         progress.warn(f"{data / 'products'} has no aug_* columns: 'MOON2.0' trains without them")
     base = load_recipe(config, epochs=epochs, max_steps=max_steps)
     files = [*resolve_files(data / "products"), *resolve_files(data / "queries")]
-    manifest = (bench / "manifest.json").read_bytes()
     out = Path(out_dir)
     # seeds and variants are left out: more of either can join the same table later
     plan = {
         "data": fingerprint(files),
-        "bench": hashlib.sha256(manifest).hexdigest(),
+        "bench": manifest_hash(bench),
         "config": base.model_dump(mode="json"),
     }
     check_plan(out, plan, resume, VARIANT_NAMES, "ablation")

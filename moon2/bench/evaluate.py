@@ -315,7 +315,8 @@ def _attr_task(
     return metrics, details
 
 
-def _manifest_hash(bench: Path) -> str:
+def manifest_hash(bench: Path) -> str:
+    """sha256 of the benchmark's manifest.json: which benchmark a result (or a plan) is on."""
     return hashlib.sha256((bench / "manifest.json").read_bytes()).hexdigest()
 
 
@@ -382,7 +383,7 @@ def evaluate(
         **{task: results[task] for task in ALL_TASKS if task in results},
         "model": encoder.name,
         "bench": str(bench),
-        "bench_manifest_sha256": _manifest_hash(bench),
+        "bench_manifest_sha256": manifest_hash(bench),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 2),
         "skipped": skipped,
