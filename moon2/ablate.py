@@ -29,6 +29,7 @@ from rich.markup import escape
 
 from moon2 import progress
 from moon2.data.io import atomic_path, read_schema, resolve_files
+from moon2.data.outdir import claim_output
 from moon2.data.parts import check_plan, fingerprint
 from moon2.errors import InputError
 
@@ -216,6 +217,10 @@ def collect_runs(out: Path) -> list[dict[str, Any]]:
     return runs
 
 
+# what ablate writes directly in OUT (--no-resume deletes these, and only in its own folder)
+OUTPUTS = (*VARIANT_NAMES, "_parts", "ablation.json", "ablation.md")
+
+
 def run_ablation(
     data_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -228,10 +233,8 @@ def run_ablation(
     resume: bool = True,
 ) -> AblationResult:
     """Train and evaluate every (variant, seed); finished runs are kept and skipped."""
-    from moon2.bench.config import EvalConfig
-    from moon2.bench.evaluate import evaluate, manifest_hash
+    from moon2.bench.evaluate import manifest_hash
     from moon2.train.recipes import load_recipe
-    from moon2.train.trainer import train
 
     started = time.perf_counter()
     unknown = [v for v in variants if v not in VARIANT_NAMES]
@@ -264,7 +267,22 @@ def run_ablation(
         "bench": manifest_hash(bench),
         "config": base.model_dump(mode="json"),
     }
-    check_plan(out, plan, resume, VARIANT_NAMES, "ablation")
+    legacy = (("_parts/plan.json", '"bench"'),)  # a grid from before output markers
+    with claim_output(
+        out, "ablate", inputs=[data, bench], outputs=OUTPUTS, resume=resume, legacy=legacy
+    ):
+        check_plan(out, plan, resume, "ablation")
+        _run_grid(out, data, bench, base, chosen, seeds)
+        return _finish(out, data, bench, base, config, started)
+
+
+def _run_grid(
+    out: Path, data: Path, bench: Path, base: Any, chosen: list[Variant], seeds: list[int]
+) -> None:
+    """Train and evaluate each (seed, variant) not finished yet."""
+    from moon2.bench.config import EvalConfig
+    from moon2.bench.evaluate import evaluate
+    from moon2.train.trainer import train
 
     total = len(chosen) * len(seeds)
     number = 0
@@ -281,6 +299,16 @@ def run_ablation(
                 train(data, where / "run", variant_config(base, variant, seed), resume=True)
             evaluate(str(where / "run" / "final"), bench, where / "eval", EvalConfig())
 
+
+def _finish(
+    out: Path,
+    data: Path,
+    bench: Path,
+    base: Any,
+    config: str | os.PathLike[str] | None,
+    started: float,
+) -> AblationResult:
+    """The table over every finished run in OUT, written as ablation.json and .md."""
     result = AblationResult(out, runs=collect_runs(out))
     result.summary = summarise(result.runs)
     budget = f"{base.optim.epochs} epochs" + (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import re
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -13,7 +15,7 @@ import typer
 from rich.markup import escape
 
 from moon2 import __version__, progress
-from moon2.errors import Moon2Error
+from moon2.errors import DEBUG_ENV, Moon2Error, debug_enabled
 
 app = typer.Typer(
     name="moon2",
@@ -30,19 +32,65 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# OS errors a user's files or machine cause (not moon2's bugs): one sentence, exit 2
+_USER_OS_ERRORS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOENT: "no such file or folder",
+    errno.ENOTDIR: "a part of the path is not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EMFILE: "too many open files",
+}
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    progress.console().print(
+        f"[red]error:[/red] {escape(message)}",  # paths may contain [brackets]
+        highlight=False,
+        soft_wrap=True,
+    )
+    return typer.Exit(code)
+
+
+def _os_error_message(exc: OSError) -> str | None:
+    """One sentence for an OS error a user can cause, or None for anything else (a bug)."""
+    code = exc.errno
+    if code is None and isinstance(exc, FileNotFoundError):  # pyarrow sets no errno
+        code = errno.ENOENT
+    reason = _USER_OS_ERRORS.get(code or 0)
+    if reason is None:
+        return None
+    hint = f"({DEBUG_ENV}=1 shows the traceback)"
+    where = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
+    if where:
+        return f"{where}: {reason} {hint}"
+    # pyarrow names the path only in its message
+    detail = re.sub(r"^\[Errno \d+\] ", "", (str(exc).splitlines() or [""])[0]).strip()
+    return f"{detail or reason} {hint}"
+
+
 def _user_errors(func: F) -> F:
-    """Turn a Moon2Error into one red sentence on stderr and its exit code, no traceback."""
+    """Turn a Moon2Error, or an OS error the user can cause (permissions, missing files, no
+    space), into one red sentence on stderr and an exit code, with no traceback; anything
+    else is a bug and keeps its traceback. ``MOON2_DEBUG=1`` shows every traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except Moon2Error as exc:
-            message = escape(str(exc))  # paths may contain [brackets]
-            progress.console().print(
-                f"[red]error:[/red] {message}", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(exc.exit_code) from None
+            if debug_enabled():
+                raise
+            raise _fail(str(exc), exc.exit_code) from None
+        except OSError as exc:
+            message = _os_error_message(exc)
+            if message is None or debug_enabled():
+                raise
+            raise _fail(message, 2) from None
         except KeyboardInterrupt:
             progress.console().print("[red]interrupted[/red]")
             raise typer.Exit(130) from None
@@ -104,6 +152,14 @@ def validate(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the report as JSON here.")
     ] = None,
+    image_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Only read local images inside this folder (repeatable; a path outside, "
+            "after symlinks and '..', makes its row invalid). Default: MOON2_IMAGE_ROOTS "
+            "(os.pathsep-separated), else no limit.",
+        ),
+    ] = None,
 ) -> None:
     """Check a catalog against the moon2 data contract, row by row.
 
@@ -112,15 +168,19 @@ def validate(
     """
     import json
 
+    from moon2.data.outdir import check_no_overlap
     from moon2.data.validate import format_report
     from moon2.data.validate import validate as run_validate
 
+    if json_out is not None:
+        check_no_overlap(json_out, [path])  # never a file inside the catalog it checks
     report = run_validate(
         path,
         kind=kind.value if kind else None,
         rejects=rejects,
         check_images=check_images,
         max_examples=max_examples,
+        image_roots=image_root or None,
     )
     typer.echo(format_report(report))
     if json_out is not None:
@@ -260,7 +320,14 @@ def demo(
     out_dir: Annotated[
         Path, typer.Argument(help="Where the demo writes everything.", show_default=False)
     ] = Path("moon2-demo"),
-    products: Annotated[int, typer.Option(min=20, help="Products in the demo catalog.")] = 2000,
+    products: Annotated[
+        int,
+        typer.Option(
+            min=20,
+            help="Products in the demo catalog; at least 60, as fewer can leave the test split "
+            "too small for any benchmark task.",
+        ),
+    ] = 2000,
     noise: Annotated[
         float, typer.Option(min=0, max=0.9, help="Share of noisy products and of noisy queries.")
     ] = 0.1,
@@ -808,7 +875,12 @@ def train(
         typer.Option(help="YAML recipe, e.g. configs/train/tiny-cpu.yaml (the default)."),
     ] = None,
     resume: Annotated[
-        bool, typer.Option(help="Continue from the newest checkpoint in OUT_DIR.")
+        bool,
+        typer.Option(
+            help="Continue from the newest checkpoint in OUT_DIR, on the same data and config "
+            "(only epochs, max steps, device, logging, checkpointing and data caches/workers "
+            "may change)."
+        ),
     ] = False,
     ray_address: Annotated[
         str | None,

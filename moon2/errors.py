@@ -6,6 +6,16 @@ instead of printing or exiting.
 
 from __future__ import annotations
 
+import os
+
+DEBUG_ENV = "MOON2_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """``MOON2_DEBUG=1``: show the traceback of every error, and let code that would turn a
+    failure into a warning raise it instead."""
+    return os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
+
 
 class Moon2Error(Exception):
     """Base class for errors whose message is shown to the user as is."""

@@ -33,8 +33,9 @@ from rich.markup import escape
 
 from moon2 import progress
 from moon2.data.io import atomic_path
-from moon2.data.parts import PLAN_FILE, check_plan
-from moon2.errors import InputError, Moon2Error
+from moon2.data.outdir import claim_output
+from moon2.data.parts import check_plan
+from moon2.errors import ConfigError, Moon2Error
 
 STAGES: tuple[str, ...] = ("synth", "build-bench", "augment", "filter", "train", "eval", "report")
 STAGE_DIRS: dict[str, str] = {
@@ -52,6 +53,13 @@ RESUMABLE: frozenset[str] = frozenset({"synth", "augment", "filter", "train"})
 # what plain ones do (~20 vs ~49 samples/s here), so the recipe's 9 epochs would take ~21
 # minutes on the demo's split; 4 keep the whole demo near 12.
 DEMO_EPOCHS = 4
+# The smallest synthetic catalog whose 20% test split builds at least one task for every
+# seed tried (60 seeds at noise 0.2, 0.7 and 0.9); at 40 or 50 products with noise 0.9, 1
+# seed in 25 still left every task too small.
+DEMO_MIN_PRODUCTS = 60
+
+# what the demo writes directly in OUT (--no-resume deletes these, and only in its own folder)
+OUTPUTS: tuple[str, ...] = (*STAGE_DIRS.values(), "_stages", "_parts", "demo.json")
 
 
 @dataclass
@@ -67,6 +75,15 @@ class DemoOptions:
     epochs: int | None = DEMO_EPOCHS
     max_steps: int | None = None
     ray: bool = True
+
+    def __post_init__(self) -> None:
+        # checked before anything is written: a smaller catalog fails only at build-bench
+        if self.products < DEMO_MIN_PRODUCTS:
+            raise ConfigError(
+                f"--products {self.products} is too few for the demo: below "
+                f"{DEMO_MIN_PRODUCTS} products the test split can be too small for any "
+                "benchmark task"
+            )
 
 
 @dataclass
@@ -96,8 +113,16 @@ def run_demo(
 ) -> DemoResult:
     """Run (or finish) every stage of the demo in ``out_dir``; finished stages are skipped."""
     options = options or DemoOptions()
-    out = Path(out_dir)
-    _check_options(out, options, resume)
+    # ``ray`` may differ on a re-run: it changes how augment runs, not what it writes
+    plan = {k: v for k, v in asdict(options).items() if k != "ray"}
+    legacy = (("_parts/plan.json", "augment_config"),)  # a demo from before output markers
+    with claim_output(out_dir, "demo", outputs=OUTPUTS, resume=resume, legacy=legacy) as claim:
+        check_plan(claim.path, plan, resume, "demo")
+        return _run_stages(claim.path, options)
+
+
+def _run_stages(out: Path, options: DemoOptions) -> DemoResult:
+    """Each stage not finished yet, in order; then demo.json."""
     (out / "_stages").mkdir(exist_ok=True)
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
@@ -155,21 +180,6 @@ def headline_metrics(results_path: Path) -> dict[str, float | None]:
     return {
         task: results[task].get(HEADLINE[task]) if task in results else None for task in ALL_TASKS
     }
-
-
-def _check_options(out: Path, options: DemoOptions, resume: bool) -> None:
-    """OUT is new, empty or a demo of the same options (``ray`` may differ: it changes how
-    augment runs, not what it writes); --no-resume deletes only the demo's own folders."""
-    is_demo = (out / "_parts" / PLAN_FILE).exists()
-    if out.exists() and any(out.iterdir()) and not is_demo:
-        raise InputError(
-            f"{out} is not empty and holds no moon2 demo; the demo writes several folders "
-            "there, so give it a new or empty folder"
-        )
-    plan = {k: v for k, v in asdict(options).items() if k != "ray"}
-    check_plan(out, plan, resume, (*STAGE_DIRS.values(), "_stages"), "demo")
-    if not resume:
-        (out / "demo.json").unlink(missing_ok=True)
 
 
 # --- the stages: each calls the same function as its command ---------------------------------

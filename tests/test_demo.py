@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from moon2.ablate import VARIANTS, render_markdown, run_ablation, summarise, variant_config
 from moon2.cli import app
+from moon2.data.outdir import MARKER
 from moon2.errors import ConfigError, InputError
 from moon2.pipeline import STAGES, DemoOptions, run_demo
 from moon2.train.config import TrainConfig
@@ -95,12 +96,13 @@ def test_demo_refuses_other_options_and_foreign_folders(
 ):
     out = tmp_path / "demo"
     shutil.copytree(demo_dir / "_parts", out / "_parts")
+    shutil.copy(demo_dir / MARKER, out / MARKER)  # a demo's own folder
     with pytest.raises(ConfigError, match="different products"):
         run_demo(out, DemoOptions(products=80, noise=0.2, train_config=str(tiny_recipe)))
     # a folder with someone else's files is never written into (nor cleaned by --no-resume)
     (tmp_path / "mine" / "run").mkdir(parents=True)
     for resume in (True, False):
-        with pytest.raises(InputError, match="holds no moon2 demo"):
+        with pytest.raises(InputError, match="not empty and was not written by moon2 demo"):
             run_demo(tmp_path / "mine", DemoOptions(products=60), resume=resume)
     assert (tmp_path / "mine" / "run").is_dir()
 

@@ -208,11 +208,12 @@ def test_cli_eval_and_errors(bench: Path, tmp_path: Path) -> None:
     assert "| open_clip:moon2-tiny-clip |" in result.stdout
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(data) & set(ALL_TASKS) == {"t2mm", "cls"}
-    bad = runner.invoke(app, ["eval", "open_clip:nonexistent-arch", str(bench), str(tmp_path)])
+    other = str(tmp_path / "o")
+    bad = runner.invoke(app, ["eval", "open_clip:nonexistent-arch", str(bench), other])
     assert bad.exit_code == 2 and "unknown open_clip architecture" in bad.stderr
-    bad = runner.invoke(app, ["eval", "open_clip:moon2-tiny-clip", str(tmp_path), str(tmp_path)])
+    bad = runner.invoke(app, ["eval", "open_clip:moon2-tiny-clip", str(tmp_path), other])
     assert bad.exit_code == 2 and "is not a moon2 benchmark" in bad.stderr
-    bad = runner.invoke(app, ["eval", str(tmp_path), str(bench), str(tmp_path / "o")])
+    bad = runner.invoke(app, ["eval", str(tmp_path / "out"), str(bench), str(tmp_path / "o")])
     assert bad.exit_code == 2 and "is not a moon2 checkpoint" in bad.stderr
     offline = runner.invoke(
         app,

@@ -47,6 +47,7 @@ from moon2.augment.stages import (
     provenance,
 )
 from moon2.data.io import resolve_files, write_table
+from moon2.data.outdir import claim_output
 from moon2.data.parts import PartSpec, check_plan, fingerprint, from_ipc, init_ray, plan_parts
 from moon2.data.schema import PRODUCTS, rejects_schema
 from moon2.errors import InputError
@@ -247,6 +248,10 @@ def _summed(out: Path, specs: list[PartSpec]) -> dict[str, Any]:
     }
 
 
+# what augment writes directly in OUT (--no-resume deletes these, and only in its own folder)
+OUTPUTS = ("products", "queries", "_rejects", "_parts", "config.yaml", "manifest.json")
+
+
 def augment(
     input_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -261,22 +266,44 @@ def augment(
     holding ``products/``) into ``out_dir``. A catalog's ``queries/`` is copied unchanged to
     ``OUT/queries/``, so OUT is a catalog ``moon2 train`` takes as it is."""
     config = config or AugmentConfig()
-    started = time.perf_counter()
     source = Path(input_path)
     queries = None
     if source.is_dir() and (source / "products").is_dir():
         queries = source / "queries" if (source / "queries").is_dir() else None
         source = source / "products"
     files = resolve_files(source)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with claim_output(
+        out_dir,
+        STAGE,
+        inputs=[input_path, *files],
+        outputs=OUTPUTS,
+        resume=resume,
+        legacy=(("config.yaml", "moon2 augment"), ("_parts/plan.json", "inputs")),
+    ) as claim:
+        return _augment(
+            files, queries, claim.path, config, address, limit, resume, use_ray, on_part
+        )
+
+
+def _augment(
+    files: list[Path],
+    queries: Path | None,
+    out: Path,
+    config: AugmentConfig,
+    address: str | None,
+    limit: int | None,
+    resume: bool,
+    use_ray: bool,
+    on_part: Callable[[PartStats], None] | None,
+) -> AugmentResult:
+    started = time.perf_counter()
     specs = plan_parts(files, config.rows_per_part, limit, PRODUCTS)
     plan = {
         "config": config.model_dump(mode="json"),
         "inputs": fingerprint(files),
         "limit": limit,
     }
-    check_plan(out, plan, resume, ("products", "_rejects", "_parts"), "augment")
+    check_plan(out, plan, resume, STAGE)
     config.to_yaml(out / "config.yaml", "moon2 augment: the resolved config of this run")
     done = {p.stem for p in (out / "_parts").glob("part-*.json")}
     todo = [s for s in specs if s.key not in done]

@@ -118,10 +118,15 @@ def row_seed(base: int, key: str, attempt: int = 0, stage: str = "text") -> int:
 
 
 def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu; anything else as given, when this machine
+    has it (ConfigError otherwise)."""
     import torch
+
+    from moon2.models.base import check_device  # lazy: torch is only needed by the engines
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
     return device
 
 

@@ -51,11 +51,14 @@ from moon2.data.io import (
     resolve_files,
     write_table,
 )
+from moon2.data.outdir import claim_output
 from moon2.data.schema import IMAGE_TYPE, PRODUCTS, QUERIES, rejects_schema
 from moon2.errors import InputError
 
 STAGE = "build-bench"
 TRAIN, TEST = "train", "test"
+# what build-bench writes directly in OUT (a re-run deletes these, only in its own folder)
+OUTPUTS = (TRAIN, TEST, "_rejects", "bench_config.yaml", "manifest.json")
 AUG_PREFIX = "aug_"
 
 QUERY_TASKS = {"t2mm": "text", "i2mm": "image", "mm2mm": "mm"}
@@ -115,6 +118,37 @@ def _stratum(category: list[str] | None, level: int) -> str:
     return " > ".join(category[: max(level, 1)])
 
 
+def _category_problem(category: list[str | None] | None) -> str | None:
+    """Why a category path cannot be used (a null or blank level), in moon2 validate's words."""
+    for level, name in enumerate(category or []):
+        if name is None or not name.strip():
+            return f"category level {level} is null or empty"
+    return None
+
+
+def _gives_its_share(strata: list[str], fraction: float) -> bool:
+    """Whether strata are big enough for the test split: a stratum of n groups gives
+    floor(fraction * n) test groups for sure and one more by chance, so strata smaller than
+    1 / fraction leave the test size to chance (40 products in 37 leaves once drew 1 test
+    product). Enough when the sure part is at least half of the expected test size."""
+    sure = sum(int(np.floor(fraction * n)) for n in Counter(strata).values())
+    return sure >= 0.5 * fraction * len(strata)
+
+
+def _strata(
+    categories: list[list[str] | None], level: int, fraction: float
+) -> tuple[list[str], str]:
+    """Each group's stratum at ``level``, or at a coarser one (parent levels, then none) when
+    that level's strata are too small; also which level was used, for the manifest."""
+    deepest = max((len(c) for c in categories if c), default=0)
+    start = deepest if level == -1 else min(max(level, 1), deepest)
+    for candidate in (level, *range(start - 1, 0, -1)):
+        strata = [_stratum(c, candidate) for c in categories]
+        if _gives_its_share(strata, fraction):
+            return strata, "leaf" if candidate == -1 else f"level {max(candidate, 1)}"
+    return [""] * len(categories), "none"
+
+
 @dataclass
 class BenchResult:
     out_dir: Path
@@ -126,13 +160,13 @@ class BenchResult:
 
 
 def _scan_products(catalog: Path, config: BenchConfig) -> pl.DataFrame:
-    """One light row per product: ids, duplicate keys, stratum, split column, problems."""
+    """One light row per product: ids, duplicate keys, category, split column, problems."""
     split = config.split
     records: dict[str, list[Any]] = {
         "product_id": [],
         "title_key": [],
         "image_keys": [],
-        "stratum": [],
+        "category": [],
         "split_value": [],
         "problem": [],
     }
@@ -164,6 +198,8 @@ def _scan_products(catalog: Path, config: BenchConfig) -> pl.DataFrame:
                     problem = f"{batch.file.name} row {batch.offset + i}: product_id is empty"
                 elif not title.strip() and not cells:
                     problem = f"{batch.file.name} row {batch.offset + i}: no title and no image"
+                elif bad_level := _category_problem(categories[i]):
+                    problem = f"{batch.file.name} row {batch.offset + i}: {bad_level}"
                 value = split_values[i]
                 if problem is None and split.column:
                     value = (value or "").strip().lower()
@@ -179,7 +215,7 @@ def _scan_products(catalog: Path, config: BenchConfig) -> pl.DataFrame:
                 )
                 keys = [image_key(c) for c in cells] if split.dedupe_images else []
                 records["image_keys"].append(sorted({k for k in keys if k}))
-                records["stratum"].append(_stratum(categories[i], split.stratify_level))
+                records["category"].append(categories[i] if problem is None else None)
                 records["split_value"].append(value)
                 records["problem"].append(problem)
             bar.advance(table.num_rows)
@@ -189,7 +225,7 @@ def _scan_products(catalog: Path, config: BenchConfig) -> pl.DataFrame:
             "product_id": pl.String,
             "title_key": pl.String,
             "image_keys": pl.List(pl.String),
-            "stratum": pl.String,
+            "category": pl.List(pl.String),
             "split_value": pl.String,
             "problem": pl.String,
         },
@@ -228,24 +264,34 @@ def _duplicate_groups(frame: pl.DataFrame, max_group: int) -> tuple[np.ndarray, 
     return labels, stats
 
 
-def _assign_sides(frame: pl.DataFrame, config: BenchConfig) -> pl.DataFrame:
-    """Add a 'side' column (train/test, null for rejected rows), whole groups at a time."""
+def _assign_sides(frame: pl.DataFrame, config: BenchConfig) -> tuple[pl.DataFrame, str | None]:
+    """Add a 'side' column (train/test, null for rejected rows), whole groups at a time; also
+    the category level the split was stratified by (None: the catalog's own split)."""
     split = config.split
     valid = frame.filter(pl.col("problem").is_null())
     if split.column:
         return frame.with_columns(
             side=pl.when(pl.col("problem").is_null()).then(pl.col("split_value"))
-        )
-    # a group's stratum is its first member's
+        ), None
+    # a group's category is its first member's
     groups = (
         valid.sort("idx")
         .group_by("group", maintain_order=True)
-        .agg(pl.col("stratum").first(), pl.len().alias("size"))
+        .agg(pl.col("category").first(), pl.len().alias("size"))
         .sort("group")
     )
     fraction = split.test_fraction
     if split.test_products is not None:
         fraction = min(0.99, split.test_products / max(1, valid.height))
+    strata, stratified_by = _strata(groups["category"].to_list(), split.stratify_level, fraction)
+    level = split.stratify_level
+    if stratified_by != ("leaf" if level == -1 else f"level {max(level, 1)}"):
+        progress.info(
+            f"build-bench: too few products per category at split.stratify_level={level} "
+            "to give the test split its share; stratified by "
+            f"{stratified_by} instead"
+        )
+    groups = groups.with_columns(stratum=pl.Series(strata, dtype=pl.String))
     rng = np.random.default_rng([config.seed, 0x5B11])
     test_groups: list[int] = []
     for stratum, members in groups.group_by("stratum", maintain_order=True):
@@ -263,7 +309,7 @@ def _assign_sides(frame: pl.DataFrame, config: BenchConfig) -> pl.DataFrame:
         .when(pl.col("group").is_in(test_groups))
         .then(pl.lit(TEST))
         .otherwise(pl.lit(TRAIN))
-    )
+    ), stratified_by
 
 
 # --- pass 2: write the split --------------------------------------------------------------
@@ -838,21 +884,28 @@ def _leakage(frame: pl.DataFrame, out: Path, test_pool: set[str]) -> dict[str, A
 def build_bench(
     catalog: str | os.PathLike[str], out_dir: str | os.PathLike[str], config: BenchConfig
 ) -> BenchResult:
-    """Split ``catalog`` (products/ + queries/) and build the test tasks under ``out_dir``."""
+    """Split ``catalog`` (products/ + queries/) and build the test tasks under ``out_dir``;
+    a re-run into its own OUT replaces the earlier benchmark whole."""
     catalog = Path(catalog)
-    out = Path(out_dir)
     for table in ("products", "queries"):
         if not (catalog / table).exists():
             raise InputError(
                 f"{catalog} has no {table}/ table; build-bench needs a catalog directory "
                 "holding products/ and queries/"
             )
-    out.mkdir(parents=True, exist_ok=True)
+    legacy = (("manifest.json", f'"stage": "{STAGE}"'),)  # from before output markers
+    with claim_output(
+        out_dir, STAGE, inputs=[catalog], outputs=OUTPUTS, resume=False, legacy=legacy
+    ) as claim:
+        return _build(catalog, claim.path, config)
+
+
+def _build(catalog: Path, out: Path, config: BenchConfig) -> BenchResult:
     config.to_yaml(out / "bench_config.yaml")
     frame = _scan_products(catalog, config)
     labels, dup_stats = _duplicate_groups(frame, config.split.max_duplicate_group)
     frame = frame.with_columns(group=pl.Series(labels, dtype=pl.Int64))
-    frame = _assign_sides(frame, config)
+    frame, stratified_by = _assign_sides(frame, config)
     product_counts = _write_products(catalog, out, frame)
     query_counts, test_queries = _write_queries(catalog, out, frame)
 
@@ -910,6 +963,16 @@ def build_bench(
         "skipped_tasks": skipped,
         "leakage": leakage,
         "task_order": [t for t in ALL_TASKS if t in task_counts],
+        "stratified_by": stratified_by,
     }
     _write_json(out / "manifest.json", manifest)
+    if not task_counts:
+        # written all the same: its skipped_tasks say why each task could not be built
+        raise InputError(
+            f"build-bench built no task from {catalog}: the test split has "
+            f"{manifest['splits'][TEST]['products']} products and "
+            f"{manifest['splits'][TEST]['queries']} queries and every requested task was "
+            f"skipped (the reasons are in {out / 'manifest.json'}); give it more products or "
+            "lower tasks.min_items"
+        )
     return BenchResult(out, manifest, skipped)

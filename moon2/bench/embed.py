@@ -18,9 +18,13 @@ import pyarrow as pa
 from moon2 import progress
 from moon2.data.images import decode_images
 from moon2.data.io import PartWriter, count_rows, iter_batches
+from moon2.data.outdir import claim_output
 from moon2.data.schema import PRODUCTS, QUERIES
 from moon2.errors import InputError
 from moon2.models.base import EncodeItem, Encoder
+
+# what embed writes directly in OUT (a re-run deletes these, and only in its own folder)
+OUTPUTS = ("products", "queries", "manifest.json")
 
 
 def _decode(cells: list, base: Path, limit: int, failures: list[int]) -> list:
@@ -44,8 +48,17 @@ def embed_catalog(
     tables = [name for name in ("products", "queries") if (root / name).exists()]
     if not tables:
         raise InputError(f"{root} has neither products/ nor queries/")
+    inputs = [root, None if isinstance(model, Encoder) else model]
+    # the model loads first: a bad one fails before an earlier output is replaced
     encoder = model if isinstance(model, Encoder) else load_encoder(model, device=device)
-    out = Path(out_dir)
+    # a re-run replaces its own earlier output whole: parts of two runs never mix
+    with claim_output(out_dir, "embed", inputs=inputs, outputs=OUTPUTS, resume=False) as claim:
+        return _embed_tables(encoder, root, tables, claim.path, batch_size, max_images)
+
+
+def _embed_tables(
+    encoder: Encoder, root: Path, tables: list[str], out: Path, batch_size: int, max_images: int
+) -> dict[str, int]:
     written = {}
     failures = [0]
     for name in tables:

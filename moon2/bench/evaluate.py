@@ -38,6 +38,7 @@ from moon2.bench.metrics import (
 from moon2.bench.retrieval import topk_search
 from moon2.data.images import decode_image
 from moon2.data.io import iter_batches
+from moon2.data.outdir import claim_output
 from moon2.data.schema import PRODUCTS
 from moon2.errors import ImageDecodeError, InputError
 from moon2.models.base import EncodeItem, Encoder
@@ -315,9 +316,111 @@ def _attr_task(
     return metrics, details
 
 
+TASK_FILES = {
+    **{
+        task: ("task.json", "queries", "candidates.parquet", "qrels.parquet")
+        for task in RETRIEVAL_TASKS
+    },
+    "cls": ("task.json", "labels.parquet"),
+    "attr": ("task.json", "labels.parquet"),
+}
+"""What build-bench writes in ``test/tasks/<task>/`` and the evaluation reads."""
+
+
+def _read_manifest(bench: Path) -> dict[str, Any]:
+    """``BENCH/manifest.json``, once BENCH is known to be a benchmark with a task built."""
+    path = bench / "manifest.json"
+    if not path.is_file():
+        raise InputError(
+            f"{bench} is not a moon2 benchmark (no manifest.json); build one with moon2 build-bench"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path} is not a build-bench manifest; rebuild the benchmark")
+    if not manifest.get("tasks"):
+        raise InputError(
+            f"the benchmark {bench} has no task built (too few products?); the reasons are "
+            f"in the skipped_tasks of {path}"
+        )
+    if not (bench / "test" / "products").exists():
+        raise InputError(f"{bench / 'test' / 'products'} is missing; rebuild the benchmark")
+    return manifest
+
+
+def _task_spec(bench: Path, task: str) -> dict[str, Any]:
+    """The task.json of a task the manifest lists, once every file the task needs is there."""
+    task_dir = bench / "test" / "tasks" / task
+    if not task_dir.is_dir():
+        raise InputError(
+            f"task {task} is listed in {bench / 'manifest.json'} but its folder {task_dir} is "
+            "missing; rebuild the benchmark"
+        )
+    for name in TASK_FILES[task]:
+        if not (task_dir / name).exists():
+            raise InputError(f"{task_dir / name} is missing; rebuild the benchmark")
+    try:
+        spec = json.loads((task_dir / "task.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        spec = None
+    if not isinstance(spec, dict):
+        raise InputError(f"{task_dir / 'task.json'} is not a build-bench task description")
+    return spec
+
+
+def _plan_tasks(
+    bench: Path, manifest: dict[str, Any], tasks: list[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The tasks to evaluate (task -> task.json) and the ones the benchmark does not have."""
+    planned: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for task in tasks:
+        if task in manifest["tasks"]:
+            planned[task] = _task_spec(bench, task)
+        else:
+            reason = manifest.get("skipped_tasks", {}).get(task, "not built in this benchmark")
+            skipped[task] = f"not in the benchmark: {reason}"
+    if not planned:
+        raise InputError(
+            f"none of the tasks asked for can be evaluated on {bench} ("
+            + "; ".join(f"{task}: {reason}" for task, reason in skipped.items())
+            + f"); it has {', '.join(manifest['tasks'])}"
+        )
+    return planned, skipped
+
+
+def _readable_tasks(
+    planned: dict[str, dict[str, Any]], encoder: Encoder, skipped: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    """The planned tasks whose inputs ``encoder`` can read; the others go to ``skipped``."""
+    readable: dict[str, dict[str, Any]] = {}
+    for task, spec in planned.items():
+        needed = {spec.get("query_modality", "text"), spec.get("candidate_modality", "mm")}
+        if task in ("cls", "attr"):
+            needed = {"mm", "text"}
+        unreadable = [m for m in sorted(needed) if not encoder.supports(m)]
+        if unreadable:
+            skipped[task] = f"{encoder.name} cannot read {', '.join(unreadable)} inputs"
+        else:
+            readable[task] = spec
+    if not readable:
+        raise InputError(
+            f"{encoder.name} cannot read the inputs of any task asked for ("
+            + "; ".join(f"{task}: {reason}" for task, reason in skipped.items())
+            + ")"
+        )
+    return readable
+
+
 def manifest_hash(bench: Path) -> str:
     """sha256 of the benchmark's manifest.json: which benchmark a result (or a plan) is on."""
     return hashlib.sha256((bench / "manifest.json").read_bytes()).hexdigest()
+
+
+# what eval writes directly in OUT (a re-run deletes these, and only in its own folder)
+OUTPUTS = ("runs", "eval_config.yaml", "results.json", "results.md")
 
 
 def evaluate(
@@ -327,15 +430,13 @@ def evaluate(
     config: EvalConfig,
     load: Callable[..., Encoder] | None = None,
 ) -> EvalResult:
-    """Evaluate ``model`` (a MODEL spec or an Encoder) on the benchmark at ``bench_dir``."""
+    """Evaluate ``model`` (a MODEL spec or an Encoder) on the benchmark at ``bench_dir``; a
+    re-run into its own OUT replaces the earlier results whole."""
     started = time.perf_counter()
     bench = Path(bench_dir)
-    out = Path(out_dir)
-    if not (bench / "manifest.json").exists() or not (bench / "test" / "tasks").is_dir():
-        raise InputError(
-            f"{bench} is not a moon2 benchmark (no manifest.json or test/tasks/); "
-            "build one with moon2 build-bench"
-        )
+    # the benchmark is checked before the model is loaded: a broken one fails at once
+    manifest = _read_manifest(bench)
+    planned, skipped = _plan_tasks(bench, manifest, list(config.tasks))
     if isinstance(model, Encoder):
         encoder = model
     else:
@@ -344,28 +445,31 @@ def evaluate(
         encoder = (load or load_encoder)(
             model, device=config.device, trust_remote_code=config.trust_remote_code
         )
+    runnable = _readable_tasks(planned, encoder, skipped)
+    # all checked before OUT is claimed: a bad model or task never costs the earlier results
+    inputs = [bench, None if isinstance(model, Encoder) else model]
+    with claim_output(out_dir, "eval", inputs=inputs, outputs=OUTPUTS, resume=False) as claim:
+        return _evaluate(encoder, bench, claim.path, config, runnable, skipped, started)
+
+
+def _evaluate(
+    encoder: Encoder,
+    bench: Path,
+    out: Path,
+    config: EvalConfig,
+    runnable: dict[str, dict[str, Any]],
+    skipped: dict[str, str],
+    started: float,
+) -> EvalResult:
+    """Every runnable task, then results.json and results.md."""
     out.mkdir(parents=True, exist_ok=True)
     config.to_yaml(out / "eval_config.yaml")
     images = _Images()
     products = _ProductEmbeddings(bench, encoder, config, images)
     results: dict[str, Any] = {}
     details: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    manifest = json.loads((bench / "manifest.json").read_text())
-    for task in config.tasks:
+    for task in runnable:
         task_dir = bench / "test" / "tasks" / task
-        if not (task_dir / "task.json").exists():
-            reason = manifest.get("skipped_tasks", {}).get(task, "not built in this benchmark")
-            skipped[task] = f"not in the benchmark: {reason}"
-            continue
-        spec = json.loads((task_dir / "task.json").read_text())
-        needed = {spec.get("query_modality", "text"), spec.get("candidate_modality", "mm")}
-        if task in ("cls", "attr"):
-            needed = {"mm", "text"}
-        unreadable = [m for m in sorted(needed) if not encoder.supports(m)]
-        if unreadable:
-            skipped[task] = f"{encoder.name} cannot read {', '.join(unreadable)} inputs"
-            continue
         if task in RETRIEVAL_TASKS:
             metrics, info = _retrieval_task(
                 task, task_dir, encoder, products, config, images, out, encoder.name

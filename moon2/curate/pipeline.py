@@ -51,6 +51,7 @@ from moon2.curate.scan import (
     text_encoder_spec,
 )
 from moon2.data.io import atomic_path, resolve_files, write_table
+from moon2.data.outdir import claim_output
 from moon2.data.parts import (
     PartSpec,
     check_plan,
@@ -62,7 +63,7 @@ from moon2.data.parts import (
     to_ipc,
 )
 from moon2.data.schema import PRODUCTS, QUERIES, rejects_schema
-from moon2.errors import InputError
+from moon2.errors import InputError, debug_enabled
 
 STAGE = "filter"
 TABLES = ("products", "queries")
@@ -642,6 +643,23 @@ def _truth(parts: list[_Part], table: str, columns: list[str]) -> pl.DataFrame |
     return pl.concat(frames) if frames else None
 
 
+def _evaluate_or_warn(
+    parts: list[_Part], decisions: _Decisions, query_actions: dict[str, str]
+) -> dict[str, Any]:
+    """``_evaluate``, or nothing and a warning when it fails: the figures against the
+    ``truth_*`` columns are evaluation only and must never cost the user the run."""
+    try:
+        return _evaluate(parts, decisions, query_actions)
+    except Exception as exc:  # the rows are written by now; only the figures are lost
+        if debug_enabled():
+            raise
+        progress.warn(
+            "filter: the report leaves out precision / recall against the truth_* columns: "
+            f"evaluating them failed ({type(exc).__name__}), a bug worth reporting"
+        )
+        return {}
+
+
 def _evaluate(
     parts: list[_Part], decisions: _Decisions, query_actions: dict[str, str]
 ) -> dict[str, Any]:
@@ -732,6 +750,19 @@ def _model_files(spec: str) -> list[list[Any]]:
     return []
 
 
+# what filter writes directly in OUT (--no-resume deletes these, and only in its own folder)
+OUTPUTS = (
+    *TABLES,
+    "_removed",
+    "_rejects",
+    "_parts",
+    "_work",
+    "config.yaml",
+    "filter_report.json",
+    "filter_report.md",
+)
+
+
 def filter_catalog(
     catalog: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -749,7 +780,6 @@ def filter_catalog(
     output (its ``scores/epoch-*.parquet`` feed the training-dynamics scorer); ``address``
     runs the scan on that Ray cluster (``use_ray=True`` without it starts a local one).
     """
-    started = time.perf_counter()
     config = (config or CurateConfig()).model_copy(deep=True)
     if model is not None:
         config.embed.model = model
@@ -768,7 +798,6 @@ def filter_catalog(
         for part_spec in plan_parts(files, config.rows_per_part, None, spec):
             parts.append(_Part(table, part_spec, first_row))
             first_row += part_spec.length
-    out.mkdir(parents=True, exist_ok=True)
     plan = {
         "scan": {
             "embed": config.embed.model_dump(mode="json"),
@@ -786,9 +815,33 @@ def filter_catalog(
         },
         "inputs": fingerprints,
     }
-    check_plan(out, plan, resume, (*TABLES, "_removed", "_rejects", "_parts", "_work"), STAGE)
+    files = [Path(f[0]) for table in fingerprints.values() for f in table]
+    with claim_output(
+        out,
+        STAGE,
+        inputs=[source, scores_path, *files],
+        outputs=OUTPUTS,
+        resume=resume,
+        legacy=(("config.yaml", "moon2 filter"), ("_parts/plan.json", "inputs")),
+    ) as claim:
+        check_plan(claim.path, plan, resume, STAGE)
+        ray = use_ray if use_ray is not None else address is not None
+        return _filter(claim.path, source, inputs, parts, config, scores_path, address, ray)
+
+
+def _filter(
+    out: Path,
+    source: Path,
+    inputs: dict[str, Path],
+    parts: list[_Part],
+    config: CurateConfig,
+    scores_path: Path | None,
+    address: str | None,
+    ray: bool,
+) -> FilterResult:
+    """Scan, decide and write the kept / removed / rejected rows and the report."""
+    started = time.perf_counter()
     config.to_yaml(out / "config.yaml", "moon2 filter: the resolved config of this run")
-    ray = use_ray if use_ray is not None else address is not None
     skipped = _run_scan(out, parts, config, address, ray)
     progress.info("filter: scoring and deciding")
     decisions = _decide_all(out, parts, config, scores_path)
@@ -835,7 +888,7 @@ def filter_catalog(
         "seconds": round(time.perf_counter() - started, 2),
         "config": config.model_dump(mode="json"),
     }
-    evaluation = _evaluate(parts, decisions, actions(config, "queries"))
+    evaluation = _evaluate_or_warn(parts, decisions, actions(config, "queries"))
     if evaluation:
         report["evaluation"] = evaluation
     for name, text in (

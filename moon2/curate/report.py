@@ -23,8 +23,28 @@ from typing import Any
 
 import polars as pl
 
+from moon2 import progress
+from moon2.errors import debug_enabled
+
 SWAPS = ("title_swap", "image_swap")
 DUPLICATE_REASONS = ("duplicate", "near_duplicate")
+CLEAN_KIND = "clean"
+UNKNOWN_KIND = "unknown"
+
+
+def _null_truth_is_clean(frame: pl.DataFrame) -> pl.DataFrame:
+    """Null truth means clean: another producer's ``truth_*`` columns are as valid as moon2
+    synth's, and may leave a clean row's flag or kind null; a noisy row without a kind is
+    of kind 'unknown'."""
+    noisy = pl.col("is_noisy").fill_null(False)
+    frame = frame.with_columns(is_noisy=noisy)
+    if "kind" not in frame.columns:
+        return frame
+    return frame.with_columns(
+        kind=pl.when(noisy)
+        .then(pl.col("kind").fill_null(UNKNOWN_KIND))
+        .otherwise(pl.col("kind").fill_null(CLEAN_KIND))
+    )
 
 
 def prf(tp: int, fp: int, fn: int) -> dict[str, Any]:
@@ -63,7 +83,7 @@ def _resolve_duplicate_pairs(frame: pl.DataFrame) -> pl.DataFrame:
 def evaluate_products(frame: pl.DataFrame) -> dict[str, Any]:
     """``frame``: id, removed, reason, duplicate_of, is_noisy, kind, source_id (non-rejected
     rows)."""
-    frame = _resolve_duplicate_pairs(frame)
+    frame = _resolve_duplicate_pairs(_null_truth_is_clean(frame))
     clean_removed = frame.filter(pl.col("removed_eval") & ~pl.col("is_noisy")).height
     out: dict[str, Any] = {
         "overall": prf(
@@ -98,6 +118,7 @@ def evaluate_queries(frame: pl.DataFrame) -> dict[str, Any]:
     """``frame``: removed (by the query's own checks), judged, reason, is_noisy (non-rejected
     query rows). Queries removed only because their product was are not judged: their own
     truth says nothing about that."""
+    frame = _null_truth_is_clean(frame)
     own = frame.filter(pl.col("judged"))
     out = {
         "overall": prf(
@@ -154,36 +175,48 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
     evaluation = report.get("evaluation")
     if evaluation:
-        lines += ["", "## Against the injected noise (truth_* columns)", ""]
-        lines += [
-            "Per kind: precision counts every clean row removed (for any reason) against the "
-            "kind, i.e. the figure on a catalog holding only that kind of noise. A clean "
-            "listing removed as the copy of its own noisy duplicate counts as that duplicate. "
-            "Queries: queries removed only because their product was are left out.",
-            "",
-            "| table | noise | rows | precision | recall | F1 |",
-            "|---|---|---|---|---|---|",
-        ]
-        for table, result in evaluation.items():
-            entries = [("all noise", result["overall"])]
-            entries += list(result.get("per_kind", {}).items())
-            for name, figures in entries:
-                rows = figures.get("rows", figures["tp"] + figures["fn"])
-                lines.append(
-                    f"| {table} | {name} | {rows} | {figures['precision']:.3f} | "
-                    f"{figures['recall']:.3f} | {figures['f1']:.3f} |"
-                )
-        for table, result in evaluation.items():
-            confusion = result["removed_by_reason_and_truth"]
-            if not confusion:
-                continue
-            columns = sorted({k for row in confusion.values() for k in row})
-            lines += ["", f"Removed {table} by reason (rows) and truth (columns):", ""]
-            lines.append("| reason | " + " | ".join(columns) + " |")
-            lines.append("|---" * (len(columns) + 1) + "|")
-            for reason, row in confusion.items():
-                lines.append(
-                    f"| {reason} | " + " | ".join(str(row.get(c, 0)) for c in columns) + " |"
-                )
+        try:
+            lines += _evaluation_markdown(evaluation)
+        except Exception as exc:  # evaluation only: it must never cost the user the run
+            if debug_enabled():
+                raise
+            progress.warn(
+                f"filter_report.md leaves out the figures against the truth_* columns: "
+                f"rendering them failed ({type(exc).__name__}), a bug worth reporting"
+            )
     lines.append("")
     return "\n".join(lines)
+
+
+def _evaluation_markdown(evaluation: dict[str, Any]) -> list[str]:
+    """The P/R/F1 section of ``filter_report.md``."""
+    lines = ["", "## Against the injected noise (truth_* columns)", ""]
+    lines += [
+        "Per kind: precision counts every clean row removed (for any reason) against the "
+        "kind, i.e. the figure on a catalog holding only that kind of noise. A clean "
+        "listing removed as the copy of its own noisy duplicate counts as that duplicate. "
+        "Queries: queries removed only because their product was are left out.",
+        "",
+        "| table | noise | rows | precision | recall | F1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for table, result in evaluation.items():
+        entries = [("all noise", result["overall"])]
+        entries += list(result.get("per_kind", {}).items())
+        for name, figures in entries:
+            rows = figures.get("rows", figures["tp"] + figures["fn"])
+            lines.append(
+                f"| {table} | {name} | {rows} | {figures['precision']:.3f} | "
+                f"{figures['recall']:.3f} | {figures['f1']:.3f} |"
+            )
+    for table, result in evaluation.items():
+        confusion = result["removed_by_reason_and_truth"]
+        if not confusion:
+            continue
+        columns = sorted({k for row in confusion.values() for k in row}, key=str)
+        lines += ["", f"Removed {table} by reason (rows) and truth (columns):", ""]
+        lines.append("| reason | " + " | ".join(str(c) for c in columns) + " |")
+        lines.append("|---" * (len(columns) + 1) + "|")
+        for reason, row in confusion.items():
+            lines.append(f"| {reason} | " + " | ".join(str(row.get(c, 0)) for c in columns) + " |")
+    return lines

@@ -24,6 +24,7 @@ from moon2.curate.config import CurateConfig
 from moon2.data.images import ImageDecodeError, decode_images, read_image_bytes
 from moon2.data.parts import PartSpec, read_slice
 from moon2.data.schema import PRODUCTS, QUERIES, conform
+from moon2.data.validate import row_problems
 from moon2.models.base import EncodeItem, Encoder
 
 PRODUCT_VECTORS = ("title_vec", "image_vec", "product_vec")
@@ -149,6 +150,7 @@ def scan_products(
     unreadable = [0] * n
     encoder = encoders.model if encoders is not None else None
     reads_images = encoder is not None and encoder.supports_images
+    invalid = row_problems(table, PRODUCTS, spec.file)  # OUT must pass moon2 validate
     for i in range(n):
         title = (titles[i] or "").strip()
         cells = [c for c in images[i] or [] if c is not None]
@@ -158,6 +160,9 @@ def scan_products(
             continue
         if not title and not cells:
             rejects[i] = f"{where}, columns title/images: no title and no image"
+            continue
+        if i in invalid:
+            rejects[i] = f"{where}: {invalid[i]}"
             continue
         if encoder is None:
             continue
@@ -237,6 +242,10 @@ def scan_queries(
     rejects: list[str | None] = [None] * n
     items: list[EncodeItem | None] = [None] * n
     encoder = encoders.model if encoders is not None else None
+    # validate's contract makes a query invalid (not repairable) when its negative_ids hold its
+    # positive_id or a null id, or its image does not decode: such a query is rejected here,
+    # so OUT passes moon2 validate. (Negatives that are not kept products are dropped later.)
+    invalid = row_problems(table, QUERIES, spec.file)
     for i in range(n):
         where = wheres[i]
         text = (texts[i] or "").strip()
@@ -246,6 +255,8 @@ def scan_queries(
             rejects[i] = f"{where}, column positive_id: null or empty"
         elif not text and images[i] is None:
             rejects[i] = f"{where}, columns query_text/query_image: no text and no image"
+        elif i in invalid:
+            rejects[i] = f"{where}: {invalid[i]}"
         elif encoder is not None:
             decoded: list = []
             if images[i] is not None and encoder.supports_images:

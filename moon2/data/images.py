@@ -4,14 +4,21 @@ A cell is ``{"bytes": <encoded JPEG/PNG/WebP/...> | None, "path": <str> | None}`
 when both are set. A path is a local path (relative paths are resolved against the directory
 of the Parquet file that holds the cell), a ``file://`` URI, or a remote URI (``http(s)://``,
 ``s3://``, ``gs://``) that this module never fetches: remote images are reported as such.
+
+A local path is read only when it is a regular file of at most :data:`MAX_IMAGE_BYTES` (or
+``MOON2_MAX_IMAGE_MB``) and, when image roots are set (a parameter, else
+``MOON2_IMAGE_ROOTS``), only inside those roots.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
 import random
+import re
+import stat
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,9 +27,23 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from moon2.errors import ImageDecodeError
+from moon2.errors import ConfigError, ImageDecodeError
 
 REMOTE_SCHEMES = ("http", "https", "s3", "gs", "gcs", "az", "abfs", "hf")
+
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+"""Largest image file read from a local path (a product photo is a few MB). A larger file is
+an ImageDecodeError found from its size, before any byte is read."""
+
+MAX_IMAGE_MB_ENV = "MOON2_MAX_IMAGE_MB"
+"""Environment variable: the image cap in MB (a positive number) instead of the default."""
+
+IMAGE_ROOTS_ENV = "MOON2_IMAGE_ROOTS"
+"""Environment variable: folders (``os.pathsep``-separated) that local image paths must lie
+in; unset or empty = no limit. Every command reads images through this module, so all of
+them honour it."""
+
+ImageRoots = Sequence[str | os.PathLike[str]]
 
 
 class RemoteImageError(ImageDecodeError):
@@ -56,10 +77,112 @@ def describe(cell: dict[str, Any] | None) -> str:
     return "empty image cell"
 
 
+def max_image_bytes() -> int:
+    """The image cap in bytes: ``MOON2_MAX_IMAGE_MB`` when set, else :data:`MAX_IMAGE_BYTES`."""
+    value = os.environ.get(MAX_IMAGE_MB_ENV, "").strip()
+    if not value:
+        return MAX_IMAGE_BYTES
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = -1.0
+    if not math.isfinite(megabytes) or megabytes <= 0:
+        raise ConfigError(f"{MAX_IMAGE_MB_ENV} must be a positive number of MB, not {value!r}")
+    return int(megabytes * 1024 * 1024)
+
+
+def image_roots_from_env() -> tuple[str, ...] | None:
+    """The folders ``MOON2_IMAGE_ROOTS`` names (None when unset or empty: no limit)."""
+    value = os.environ.get(IMAGE_ROOTS_ENV, "")
+    roots = tuple(part for part in value.split(os.pathsep) if part.strip())
+    return roots or None
+
+
+@functools.lru_cache(maxsize=16)
+def _resolved_roots(roots: tuple[str, ...]) -> tuple[Path, ...]:
+    return tuple(Path(root).expanduser().resolve() for root in roots)
+
+
+def _inside_roots(file: Path, roots: ImageRoots) -> Path:
+    """``file`` resolved (symlinks and ``..`` followed); ImageDecodeError unless it lies in
+    one of ``roots``."""
+    try:
+        resolved = file.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise ImageDecodeError(f"image path {file} cannot be resolved") from None
+    allowed = _resolved_roots(tuple(os.fspath(root) for root in roots))
+    if not any(resolved.is_relative_to(root) for root in allowed):
+        raise ImageDecodeError(f"image path {file} is outside the allowed image roots")
+    return resolved
+
+
+def _size_text(size: int) -> str:
+    mib = 1024 * 1024
+    return f"{size // mib} MB" if size >= mib and size % mib == 0 else f"{size:,}-byte"
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def _check_file(name: Path, info: os.stat_result, max_bytes: int) -> None:
+    """ImageDecodeError unless ``info`` is a regular file's of at most ``max_bytes``."""
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageDecodeError(f"image path {name} is a directory")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageDecodeError(
+            f"image path {name} is not a regular file ({_file_kind(info.st_mode)})"
+        )
+    if info.st_size > max_bytes:
+        raise ImageDecodeError(
+            f"image file {name} is larger than the {_size_text(max_bytes)} image cap"
+        )
+
+
+def _read_regular_file(file: Path, max_bytes: int, name: Path) -> bytes:
+    """The bytes of ``file`` when it is a regular file of at most ``max_bytes`` (messages call
+    it ``name``: the path as the catalog gave it)."""
+    try:
+        _check_file(name, file.stat(), max_bytes)
+        # O_NONBLOCK: should the path have become a FIFO since the stat, opening it does
+        # not wait for a writer; the fstat below then refuses it
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        with os.fdopen(os.open(file, flags), "rb") as handle:
+            _check_file(name, os.fstat(handle.fileno()), max_bytes)
+            data = handle.read(max_bytes + 1)  # a file still growing stops at the cap
+    except FileNotFoundError:
+        raise ImageDecodeError(f"image file {name} does not exist") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(f"image path {name} is a directory") from None
+    except OSError as exc:
+        raise ImageDecodeError(f"image file {name} cannot be read ({exc.strerror})") from None
+    if len(data) > max_bytes:
+        raise ImageDecodeError(
+            f"image file {name} is larger than the {_size_text(max_bytes)} image cap"
+        )
+    return data
+
+
 def read_image_bytes(
-    cell: dict[str, Any] | None, base_dir: str | os.PathLike[str] | None = None
+    cell: dict[str, Any] | None,
+    base_dir: str | os.PathLike[str] | None = None,
+    max_bytes: int | None = None,
+    image_roots: ImageRoots | None = None,
 ) -> bytes:
-    """The encoded bytes of an image cell (read from disk for a local path)."""
+    """The encoded bytes of an image cell (read from disk for a local path).
+
+    A local path must be a regular file (never a device, FIFO, socket or directory) of at most
+    ``max_bytes`` (default :data:`MAX_IMAGE_BYTES`). ``image_roots``: folders the path must
+    resolve into (after symlinks and ``..``); None = the ``MOON2_IMAGE_ROOTS`` setting, and no
+    limit when that is unset (the default for local catalogs). Anything else is an
+    ImageDecodeError saying why; no message quotes a file's contents.
+    """
     if cell is None:
         raise ImageDecodeError("image cell is null")
     data = cell.get("bytes")
@@ -73,14 +196,11 @@ def read_image_bytes(
     if is_remote(path):
         raise RemoteImageError(f"image is remote ({path}) and was not fetched")
     file = local_path(path, base_dir)
-    try:
-        return file.read_bytes()
-    except FileNotFoundError:
-        raise ImageDecodeError(f"image file {file} does not exist") from None
-    except IsADirectoryError:
-        raise ImageDecodeError(f"image path {file} is a directory") from None
-    except OSError as exc:
-        raise ImageDecodeError(f"image file {file} cannot be read ({exc.strerror})") from None
+    roots = image_roots if image_roots is not None else image_roots_from_env()
+    # with roots, read the resolved path that was checked, not a path a symlink swap redirects
+    target = _inside_roots(file, roots) if roots is not None else file
+    cap = max_image_bytes() if max_bytes is None else max_bytes
+    return _read_regular_file(target, cap, name=file)
 
 
 _SIGNATURES = (
@@ -102,6 +222,48 @@ def _sniff_format(data: bytes) -> str | None:
     return None
 
 
+_BYTES_LITERAL = re.compile(r"""\bb(['"]).*?(?<!\\)\1""")
+
+
+def _safe_detail(exc: BaseException) -> str:
+    """Pillow's message without the file bytes some of its errors quote (e.g. a PNG chunk
+    type or a TIFF header as a ``b'...'`` literal): messages never show file contents."""
+    return _BYTES_LITERAL.sub("<bytes>", str(exc))[:200]
+
+
+def _open_guarded(data: bytes, draft_size: int | None, load: bool) -> Image.Image:
+    """``Image.open`` (and ``load``) under Pillow's decompression-bomb guard, made strict (its
+    warning is an error); every failure is an ImageDecodeError that quotes no bytes."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if load:
+                if draft_size is not None and image.format == "JPEG":
+                    image.draft("RGB", (draft_size, draft_size))
+                image.load()
+    except UnidentifiedImageError:
+        known = _sniff_format(data)
+        if known:
+            raise ImageDecodeError(
+                f"image bytes are corrupt or truncated ({known} header, {len(data)} bytes)"
+            ) from None
+        raise ImageDecodeError(
+            f"image bytes are not a recognised image format ({len(data)} bytes)"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"image is too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"image bytes are corrupt ({_safe_detail(exc)})") from None
+    return image
+
+
+def check_image_header(data: bytes) -> None:
+    """ImageDecodeError unless ``data`` opens as an image format Pillow knows, within the
+    decompression-bomb limit (a cheap check: the pixels are not decoded)."""
+    _open_guarded(data, None, load=False)
+
+
 def decode_bytes(
     data: bytes, mode: str | None = "RGB", draft_size: int | None = None
 ) -> Image.Image:
@@ -111,26 +273,7 @@ def decode_bytes(
     applies the EXIF orientation; ``mode=None`` returns the image as stored. ``draft_size``
     lets JPEG decode at a reduced scale when only a check or a thumbnail is needed.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if draft_size is not None and image.format == "JPEG":
-                image.draft("RGB", (draft_size, draft_size))
-            image.load()
-    except UnidentifiedImageError:
-        known = _sniff_format(data)
-        if known:
-            raise ImageDecodeError(
-                f"image bytes are corrupt or truncated ({known} header, {len(data)} bytes)"
-            ) from None
-        raise ImageDecodeError(
-            f"image bytes are not a recognised image format (starts with {data[:8]!r})"
-        ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"image is too large to decode safely ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageDecodeError(f"image bytes are corrupt ({exc})") from None
+    image = _open_guarded(data, draft_size, load=True)
     if mode is None:
         return image
     image = ImageOps.exif_transpose(image)
@@ -151,9 +294,12 @@ def decode_image(
     base_dir: str | os.PathLike[str] | None = None,
     mode: str | None = "RGB",
     draft_size: int | None = None,
+    image_roots: ImageRoots | None = None,
 ) -> Image.Image:
-    """Decode an image cell into a PIL image; ImageDecodeError says why when it cannot."""
-    return decode_bytes(read_image_bytes(cell, base_dir), mode=mode, draft_size=draft_size)
+    """Decode an image cell into a PIL image; ImageDecodeError says why when it cannot.
+    ``image_roots``: as in :func:`read_image_bytes`."""
+    data = read_image_bytes(cell, base_dir, image_roots=image_roots)
+    return decode_bytes(data, mode=mode, draft_size=draft_size)
 
 
 def decode_images(

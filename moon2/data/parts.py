@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,17 +111,12 @@ def from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
-def check_plan(
-    out: Path, plan: dict[str, Any], resume: bool, outputs: tuple[str, ...], stage: str
-) -> None:
-    """Start over (no resume: ``outputs`` under ``out`` are deleted) or make sure the finished
-    parts under ``out`` belong to this very job (same config and inputs)."""
-    parts_dir = out / "_parts"
-    plan_path = parts_dir / PLAN_FILE
-    if not resume:
-        for name in outputs:
-            shutil.rmtree(out / name, ignore_errors=True)
-    elif plan_path.exists():
+def check_plan(out: Path, plan: dict[str, Any], resume: bool, stage: str) -> None:
+    """Make sure the finished parts under ``out`` belong to this very job (same config and
+    inputs), then record the plan; ``resume=False`` only records it (the caller's
+    :func:`moon2.data.outdir.claim_output` has already deleted the command's own outputs)."""
+    plan_path = out / "_parts" / PLAN_FILE
+    if resume and plan_path.exists():
         previous = json.loads(plan_path.read_text())
         if previous != plan:
             changed = [k for k in plan if previous.get(k) != plan[k]]

@@ -9,6 +9,7 @@ rejects dataset.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from moon2 import progress
-from moon2.data.images import RemoteImageError, decode_image
+from moon2.data.images import ImageRoots, RemoteImageError, decode_image
 from moon2.data.io import (
     PartWriter,
     count_rows,
@@ -28,6 +29,7 @@ from moon2.data.io import (
     open_parquet,
     resolve_files,
 )
+from moon2.data.outdir import claim_output
 from moon2.data.schema import (
     PRODUCTS,
     QUERIES,
@@ -111,17 +113,24 @@ class ValidationReport:
         return {"ok": self.ok, "tables": [table.to_dict() for table in self.tables]}
 
 
+# what --rejects writes in its folder (a re-run deletes these, and only in its own folder)
+REJECTS = (PRODUCTS.kind, QUERIES.kind, "part-*.parquet")
+
+
 def validate(
     path: str | os.PathLike[str],
     kind: str | None = None,
     rejects: str | os.PathLike[str] | None = None,
     check_images: bool = True,
     max_examples: int = DEFAULT_MAX_EXAMPLES,
+    image_roots: ImageRoots | None = None,
 ) -> ValidationReport:
     """Validate a dataset or a catalog directory (``products/`` and/or ``queries/``).
 
     ``kind`` forces the table kind; otherwise it is inferred from the directory layout or the
-    id column. Raises InputError when the input cannot be read at all.
+    id column. ``image_roots``: folders every local image path must resolve into (None: the
+    ``MOON2_IMAGE_ROOTS`` setting, else no limit); a path outside them makes its row invalid.
+    Raises InputError when the input cannot be read at all.
     """
     root = Path(path)
     sub_tables = [k for k in (PRODUCTS.kind, QUERIES.kind) if (root / k).is_dir()]
@@ -140,6 +149,31 @@ def validate(
                 )
         targets = [(table_spec(kind), Path(path))]
     rejects_root = Path(rejects) if rejects is not None else None
+    with contextlib.ExitStack() as stack:
+        if rejects_root is not None:
+            # a re-run replaces its own earlier rejects whole; any other folder is refused
+            stack.enter_context(
+                claim_output(
+                    rejects_root,
+                    "validate",
+                    inputs=[path, *(f for _, t in targets for f in resolve_files(t))],
+                    outputs=REJECTS,
+                    resume=False,
+                )
+            )
+        return _validate_targets(
+            targets, root, rejects_root, check_images, max_examples, image_roots
+        )
+
+
+def _validate_targets(
+    targets: list[tuple[TableSpec, Path]],
+    root: Path,
+    rejects_root: Path | None,
+    check_images: bool,
+    max_examples: int,
+    image_roots: ImageRoots | None,
+) -> ValidationReport:
     product_ids: pa.Array | None = None
     reports = []
     for spec, table_path in targets:
@@ -148,8 +182,9 @@ def validate(
             reject_dir = rejects_root / spec.kind if len(targets) > 1 else rejects_root
         if spec is QUERIES and len(targets) > 1:
             product_ids = _load_ids(root / PRODUCTS.kind, PRODUCTS)
+        checker = _rules(spec, product_ids, image_roots)
         reports.append(
-            _validate_table(table_path, spec, reject_dir, check_images, max_examples, product_ids)
+            _validate_table(table_path, spec, reject_dir, check_images, max_examples, checker)
         )
     return ValidationReport(reports)
 
@@ -217,7 +252,7 @@ def _validate_table(
     reject_dir: Path | None,
     check_images: bool,
     max_examples: int,
-    product_ids: pa.Array | None,
+    checker: _ProductRules | _QueryRules,
 ) -> TableReport:
     files, extra = _check_all_schemas(path, spec)
     report = TableReport(kind=spec.kind, path=str(path), files=len(files))
@@ -227,7 +262,6 @@ def _validate_table(
         schema = rejects_schema(pa.schema([*spec.arrow_schema(strict=False), *extra]))
         writer = PartWriter(reject_dir, schema)
         report.rejects_path = str(reject_dir)
-    checker = _ProductRules() if spec is PRODUCTS else _QueryRules(product_ids)
     total = count_rows(path)
     try:
         with progress.task(f"validating {spec.kind}", total) as bar:
@@ -300,8 +334,36 @@ def _blank(value: str | None) -> bool:
     return value is None or not value.strip()
 
 
+def _rules(
+    spec: TableSpec, product_ids: pa.Array | None, image_roots: ImageRoots | None
+) -> _ProductRules | _QueryRules:
+    if spec is PRODUCTS:
+        return _ProductRules(image_roots)
+    return _QueryRules(product_ids, image_roots)
+
+
+def row_problems(
+    table: pa.Table,
+    spec: TableSpec,
+    file: str | os.PathLike[str],
+    check_images: bool = True,
+    image_roots: ImageRoots | None = None,
+) -> dict[int, str]:
+    """Why ``moon2 validate`` would reject each row of ``table`` (conformed to ``spec``, read
+    from ``file``), by row index; valid rows are absent. The row rules only: ids repeated
+    across rows and ids that must exist in products are left to the caller."""
+    scratch = TableReport(kind=spec.kind, path=os.fspath(file))
+    reasons = _rules(spec, None, image_roots).check(table, Path(file), check_images, scratch)
+    return {i: "; ".join(text for _, text in found) for i, found in reasons.items()}
+
+
 def _check_image(
-    cell: dict[str, Any] | None, label: str, base_dir: Path, check: bool, report: TableReport
+    cell: dict[str, Any] | None,
+    label: str,
+    base_dir: Path,
+    check: bool,
+    report: TableReport,
+    image_roots: ImageRoots | None,
 ) -> tuple[str, str] | None:
     if cell is None:
         return ("image_null", f"{label} is null")
@@ -310,18 +372,23 @@ def _check_image(
     if not check:
         return None
     try:
-        decode_image(cell, base_dir=base_dir, mode=None, draft_size=64)
+        decode_image(cell, base_dir=base_dir, mode=None, draft_size=64, image_roots=image_roots)
     except RemoteImageError:
         report.images_remote += 1
         return None
     except ImageDecodeError as exc:
         code = "image_missing" if "does not exist" in str(exc) else "image_corrupt"
+        if "outside the allowed image roots" in str(exc):
+            code = "image_not_allowed"
         return (code, f"{label}: {exc}")
     report.images_decoded += 1
     return None
 
 
 class _ProductRules:
+    def __init__(self, image_roots: ImageRoots | None = None) -> None:
+        self.image_roots = image_roots
+
     def check(
         self, table: pa.Table, file: Path, check_images: bool, report: TableReport
     ) -> Reasons:
@@ -355,7 +422,9 @@ class _ProductRules:
                 if pair.get("value") is None:
                     found.append(("bad_attribute", f"attribute {key!r} has a null value"))
             for position, cell in enumerate(row_images):
-                problem = _check_image(cell, f"image {position}", file.parent, check_images, report)
+                problem = _check_image(
+                    cell, f"image {position}", file.parent, check_images, report, self.image_roots
+                )
                 if problem is not None:
                     found.append(problem)
             if found:
@@ -374,8 +443,9 @@ class _ProductRules:
 
 
 class _QueryRules:
-    def __init__(self, product_ids: pa.Array | None) -> None:
+    def __init__(self, product_ids: pa.Array | None, image_roots: ImageRoots | None = None) -> None:
         self.product_ids = product_ids
+        self.image_roots = image_roots
 
     def check(
         self, table: pa.Table, file: Path, check_images: bool, report: TableReport
@@ -419,7 +489,9 @@ class _QueryRules:
                         ("unknown_negative", f"negative id {negative!r} is not in products")
                     )
             if has_image:
-                problem = _check_image(images[i], "query_image", file.parent, check_images, report)
+                problem = _check_image(
+                    images[i], "query_image", file.parent, check_images, report, self.image_roots
+                )
                 if problem is not None:
                     found.append(problem)
             if found:

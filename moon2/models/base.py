@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from moon2.errors import ConfigError
+
 
 @dataclass
 class EncodeItem:
@@ -63,15 +65,53 @@ class Encoder(ABC):
         return self.supports_text or self.supports_images  # mm: at least one part is read
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def _cuda_devices() -> str:
+    """What this machine has in CUDA GPUs, for an error message."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not count:
+        return "this machine has no CUDA GPU"
+    names = ", ".join(f"cuda:{i}" for i in range(count))
+    return f"this machine has {count} CUDA GPU{'s' if count > 1 else ''} ({names})"
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device when this machine has it, else a ConfigError that says
+    what the machine has (every command's device option goes through here)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"device {device!r} is not a device name: use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise ConfigError(f"device {device} is not available: {_cuda_devices()}")
+    elif parsed.type == "mps":
+        if not _mps_available():
+            raise ConfigError(f"device {device} is not available: this machine has no MPS GPU")
+    elif parsed.type != "cpu":
+        # other accelerators (xpu, ...) expose torch.<type>.is_available(); meta & co. do not run
+        backend = getattr(torch, parsed.type, None)
+        if not getattr(backend, "is_available", lambda: False)():
+            raise ConfigError(f"device {device} is not available on this machine")
+    return parsed
+
+
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available (else mps, else cpu); anything else as given."""
+    """``auto`` -> cuda when available (else mps, else cpu); anything else as given, when this
+    machine has it."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    return check_device(device)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ import pyarrow as pa
 from moon2 import progress
 from moon2.bench.config import ALL_TASKS, RETRIEVAL_TASKS
 from moon2.data.io import atomic_path
+from moon2.data.outdir import check_no_overlap, claim_output
 from moon2.report import collect, plots
 from moon2.report.collect import Layout
 from moon2.report.html import (
@@ -68,8 +69,11 @@ PLOT_FILES: tuple[str, ...] = (
     "filter_scores.png",
     "train_margins.png",
 )
-"""Every plot file a report may write; those a new report does not write are removed from
-out_dir, so its PNGs never mix two runs."""
+"""Every plot file a report may write."""
+# what a report writes in OUT; a new report deletes the old ones first, so its PNGs never mix
+# two runs
+OUTPUTS: tuple[str, ...] = ("index.html", *PLOT_FILES)
+LEGACY = (("index.html", "moon2 report"),)  # a report from before output markers
 
 CUT_COLUMNS: dict[tuple[str, str], tuple[str, str]] = {
     ("products", "image_text"): ("cur_align_image_text", "below"),
@@ -754,6 +758,20 @@ def build_report(
         raise ValueError("examples must be >= 0")
     layout = collect.find_layout(run_dir, eval_dir, bench_dir, filter_dir, augment_dir)
     out = Path(out_dir) if out_dir is not None else layout.root / "report"
+    # the default OUT, RUN_DIR/report, lies inside the run it reads: allowed (a folder of the
+    # report's own that no stage reads), but never inside the other stages' folders
+    home = {layout.root, layout.run}
+    check_no_overlap(out, home, nested=True)
+    others = [getattr(layout, s) for s in collect.STAGE_NAMES if getattr(layout, s) not in home]
+    # a re-run replaces the report's earlier files
+    with claim_output(
+        out, "report", inputs=others, outputs=OUTPUTS, resume=False, legacy=LEGACY
+    ):
+        return _build(layout, out, examples)
+
+
+def _build(layout: Layout, out: Path, examples: int) -> ReportResult:
+    """Build every section (one that fails is shown as not built), then write the page."""
     builders: dict[str, Callable[[], Section]] = {
         "metrics": lambda: _metrics_section(layout),
         "curves": lambda: _curves_section(layout),
@@ -772,19 +790,15 @@ def build_report(
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 built[name] = unavailable(f"could not be built ({type(exc).__name__}: {first})")
             bar.advance()
-    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for name, _ in SECTIONS:
         for file, data in built[name].plots.items():
             with atomic_path(out / file) as temp:
                 temp.write_bytes(data)
             written.append(out / file)
-    for stale in PLOT_FILES:
-        if out / stale not in written:
-            (out / stale).unlink(missing_ok=True)
     found = [
         f"{stage} {getattr(layout, stage)}"
-        for stage in ("run", "eval", "bench", "filter", "augment", "catalog")
+        for stage in collect.STAGE_NAMES
         if getattr(layout, stage) is not None
     ]
     sections = [

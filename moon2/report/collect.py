@@ -44,6 +44,10 @@ RUN_MARKERS = ("metrics.jsonl", "train_summary.json", "train_config.yaml", "scor
 """Any of these makes a folder a ``moon2 train`` output."""
 
 
+STAGE_NAMES: tuple[str, ...] = ("run", "eval", "bench", "filter", "augment", "catalog")
+"""The stage folders of a :class:`Layout`, in the order a report names them."""
+
+
 @dataclass
 class Layout:
     """The stage folders a report reads; None where a stage is not available."""

@@ -7,7 +7,9 @@ and renamed when complete:
 - ``optimizer.pt``, ``scheduler.pt``: state dicts (tensors and numbers only, read back with
   ``torch.load(weights_only=True)``);
 - ``rng.pt`` (torch CPU/CUDA generator states) and ``rng.json`` (Python and NumPy);
-- ``trainer.json``: epoch, position in the epoch, update count, filter state.
+- ``trainer.json``: epoch, position in the epoch, update count, filter state;
+- ``plan.json``: the data fingerprint and resolved config of the run (see resume.py; missing
+  in checkpoints written before it was kept).
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from moon2.errors import ConfigError
+
 PREFIX = "step-"
+PLAN = "plan.json"
+_LOAD_ERROR = "Error(s) in loading state_dict"  # torch's and safetensors' mismatch message
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -66,6 +72,7 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: int,
+    plan: dict[str, Any] | None = None,
 ) -> Path:
     from safetensors.torch import save_model
 
@@ -81,6 +88,8 @@ def save_checkpoint(
     torch.save(tensors, temp / "rng.pt")
     (temp / "rng.json").write_text(json.dumps(plain))
     (temp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
+    if plan is not None:
+        (temp / PLAN).write_text(json.dumps(plan, indent=1, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)
     os.replace(temp, final)
@@ -101,14 +110,42 @@ def load_checkpoint(
     scheduler: Any,
     map_location: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG; returns the trainer state."""
+    """Restore weights, optimizer, scheduler and RNG; returns the trainer state.
+
+    A checkpoint of another model shape (hidden size, experts, MoE layers, trained
+    parameters) is a ConfigError naming the checkpoint."""
     from safetensors.torch import load_model
 
-    load_model(module, str(path / "model.safetensors"), strict=True, device=str(map_location))
-    optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
-    )
+    try:
+        load_model(module, str(path / "model.safetensors"), strict=True, device=str(map_location))
+    except RuntimeError as exc:
+        if _LOAD_ERROR not in str(exc):
+            raise
+        raise _shape_error(path, exc) from None
+    try:
+        optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
+        )
+    except ValueError as exc:  # another set of trained parameters: other parameter groups
+        raise _shape_error(path, exc) from None
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     tensors = torch.load(path / "rng.pt", weights_only=True)
     _set_rng_state(tensors, json.loads((path / "rng.json").read_text()))
     return json.loads((path / "trainer.json").read_text())
+
+
+def read_plan(path: Path) -> dict[str, Any] | None:
+    """The plan (data fingerprint and config) checkpoint ``path`` was trained with, if kept."""
+    plan = path / PLAN
+    return json.loads(plan.read_text()) if plan.exists() else None
+
+
+def _shape_error(path: Path, exc: Exception) -> ConfigError:
+    """One sentence for a checkpoint that does not fit the model being resumed."""
+    # torch lists every mismatch on its own line; the first names the kind and a tensor
+    details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    first = (details[0] if details else str(exc).strip())[:200].rstrip(".")
+    return ConfigError(
+        f"checkpoint {path} was written for another model shape than this config's ({first}); "
+        "resume with the config it was trained with, or re-run without --resume in a new folder"
+    )

@@ -28,6 +28,7 @@ import torch
 from moon2 import progress
 from moon2.data.images import (
     ImageCache,
+    check_image_header,
     decode_image,
     decode_images,
     product_matte,
@@ -166,11 +167,7 @@ def build_index(products: ArrowStore, queries: ArrowStore) -> TripletIndex:
 def _unreadable_images(column: pa.ChunkedArray) -> dict[int, str]:
     """Rows whose image bytes carry no image header Pillow knows (read lazily, batch by batch;
     images given by path, and files that pass this check but fail to decode, are caught when
-    their row is read)."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
+    their row is read). A header declaring a decompression bomb counts as unreadable."""
     bad: dict[int, str] = {}
     offset = 0
     for chunk in column.chunks:
@@ -181,9 +178,9 @@ def _unreadable_images(column: pa.ChunkedArray) -> dict[int, str]:
                 if raw is None:
                     continue
                 try:
-                    Image.open(io.BytesIO(raw))
-                except (UnidentifiedImageError, OSError, ValueError) as exc:
-                    bad[offset + i] = f"not a readable image ({type(exc).__name__})"
+                    check_image_header(raw)
+                except ImageDecodeError as exc:
+                    bad[offset + i] = f"not a readable image ({exc})"
         offset += len(chunk)
     return bad
 

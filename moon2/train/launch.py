@@ -12,9 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from moon2.data.outdir import check_output, claim_output
 from moon2.errors import InputError
 from moon2.train.config import TrainConfig
-from moon2.train.trainer import TrainResult
+from moon2.train.resume import check_resume, run_plan
+from moon2.train.trainer import LEGACY_OUTPUT, TrainResult
 
 
 def _worker(payload: dict[str, Any]) -> None:
@@ -23,7 +25,8 @@ def _worker(payload: dict[str, Any]) -> None:
 
     progress.set_quiet(payload.get("quiet", True))
     config = TrainConfig.model_validate(payload["config"])
-    train(Path(payload["data"]), Path(payload["out"]), config, resume=payload["resume"])
+    out, data = Path(payload["out"]), Path(payload["data"])
+    train(data, out, config, resume=payload["resume"], claim=False)
 
 
 def train_on_ray(
@@ -40,19 +43,38 @@ def train_on_ray(
     ``address``: ``local`` starts a Ray instance on this machine; anything else (``auto``,
     ``ray://head:10001``) is passed to ``ray.init``.
     """
+    try:
+        import ray.train.torch  # noqa: F401 (ray[train] ships with ray[data]; say so if not)
+    except ImportError as exc:
+        raise InputError(f"Ray Train is not available ({exc}); pip install 'ray[train]'") from None
+    data = Path(data_dir).resolve()
+    out = Path(out_dir).resolve()
+    # the workers check too; refusing here gives one sentence instead of a failed Ray job
+    check_output(out, "train", inputs=[data], legacy=LEGACY_OUTPUT)
+    check_resume(out, run_plan(data, config), resume)
+    # the driver holds OUT's claim for the whole job (Ray writes OUT/ray/ before any worker
+    # starts); the workers only check it
+    with claim_output(out, "train", inputs=[data], legacy=LEGACY_OUTPUT):
+        return _fit(data, out, config, resume, address, num_workers, use_gpu)
+
+
+def _fit(
+    data: Path,
+    out: Path,
+    config: TrainConfig,
+    resume: bool,
+    address: str,
+    num_workers: int,
+    use_gpu: bool,
+) -> TrainResult:
     import json
     import time
 
-    try:
-        import ray
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-    except ImportError as exc:  # ray[train] ships with ray[data]; be explicit when it doesn't
-        raise InputError(f"Ray Train is not available ({exc}); pip install 'ray[train]'") from None
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     started = time.perf_counter()
-    data = Path(data_dir).resolve()
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         if address == "local":
             ray.init(
@@ -67,7 +89,7 @@ def train_on_ray(
         "out": str(out),
         "config": config.model_dump(mode="json"),
         "resume": resume,
-    }
+    }  # the workers do not claim OUT: the driver holds it
     trainer = TorchTrainer(
         _worker,
         train_loop_config=payload,

@@ -5,7 +5,8 @@ Outputs under OUT::
     train_config.yaml            the resolved config
     metrics.jsonl                loss parts, omega_m, routing usage, lr, throughput per log step
     scores/epoch-NNN.parquet     sample_id, epoch, loss, margin, phi, weight, kept (+ position)
-    checkpoints/step-NNNNNNN/    resumable state (see checkpoint.py)
+    checkpoints/step-NNNNNNN/    resumable state (see checkpoint.py); --resume continues it
+                                 only on the same data and config (see resume.py)
     final/                       the trained model (moon2.load_model / moon2 eval / moon2 embed)
     filter_report.json           noise detection of the dynamic filter (when truth_* exists)
     _rejects/queries/            queries that could not be trained on, with the reason
@@ -18,11 +19,13 @@ gathered score table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +39,10 @@ import torch.distributed as dist
 from moon2 import progress
 from moon2.curate.dynamic import FilterPolicy, detection_report
 from moon2.data.io import PartWriter, atomic_path
+from moon2.data.outdir import check_output, claim_output
 from moon2.data.schema import rejects_schema
-from moon2.errors import InputError
+from moon2.errors import InputError, Moon2Error
+from moon2.models.base import check_device
 from moon2.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moon2.train.config import OptimConfig, TrainConfig
 from moon2.train.data import (
@@ -49,6 +54,7 @@ from moon2.train.data import (
 )
 from moon2.train.model import Moon2Model, build_backbone, save_model
 from moon2.train.objective import Objective
+from moon2.train.resume import check_resume, run_plan
 
 STAGE = "train"
 SCORE_SCHEMA = pa.schema(
@@ -79,6 +85,8 @@ class TrainResult:
 
 
 def _setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
+    if config.device != "auto":
+        check_device(config.device)  # before the process group: every rank refuses alike
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
@@ -217,21 +225,69 @@ def _merge_lora(model: Moon2Model) -> None:
 # --- the loop -----------------------------------------------------------------------------
 
 
+# recognises a run folder from before output markers, so that it still resumes
+LEGACY_OUTPUT = (("train_config.yaml", "moon2 train"),)
+
+
 def train(
     data_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     config: TrainConfig,
     resume: bool = False,
+    claim: bool = True,
 ) -> TrainResult:
-    """Train a MOON2.0 model on DATA (products/ + queries/) into OUT."""
-    started = time.perf_counter()
+    """Train a MOON2.0 model on DATA (products/ + queries/) into OUT.
+
+    OUT must be new, empty or a folder moon2 train wrote (see :mod:`moon2.data.outdir`); the
+    main process holds its lock until training ends. ``claim=False``: the caller holds it
+    already (the Ray driver, whose workers run this)."""
     data = Path(data_dir)
     out = Path(out_dir)
     rank, world, device = _setup_distributed(config)
+    # every rank checks (read only), so all refuse alike; before train_config.yaml is rewritten
+    check_output(out, STAGE, inputs=[data], legacy=LEGACY_OUTPUT)
+    plan = run_plan(data, config)
+    check_resume(out, plan, resume)
+    with _claim_on_main(out, data, rank, claim):
+        return _train(data, out, config, resume, plan, rank, world, device)
+
+
+@contextlib.contextmanager
+def _claim_on_main(out: Path, data: Path, rank: int, claim: bool) -> Iterator[None]:
+    """The main process claims OUT; every process learns whether it could, so that all raise
+    the same error rather than the others waiting for it at the next collective."""
+    with contextlib.ExitStack() as stack:
+        error: str | None = None
+        if rank == 0 and claim:
+            try:
+                stack.enter_context(
+                    claim_output(out, STAGE, inputs=[data], legacy=LEGACY_OUTPUT)
+                )
+            except Moon2Error as exc:
+                error = str(exc)
+        if dist.is_initialized():
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error is not None:
+            raise InputError(error)
+        yield
+
+
+def _train(
+    data: Path,
+    out: Path,
+    config: TrainConfig,
+    resume: bool,
+    plan: dict[str, Any],
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> TrainResult:
+    started = time.perf_counter()
     is_main = rank == 0
     _seed_everything(config.seed)
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
         if not resume and latest_checkpoint(out / "checkpoints") is not None:
             raise InputError(
                 f"{out} holds checkpoints of an earlier run; pass --resume to continue it or "
@@ -381,6 +437,7 @@ def train(
                                 "filter": policy.state_dict(),
                             },
                             config.checkpoint.keep,
+                            plan,
                         )
                     _barrier()
                 if update >= total_updates:
@@ -417,6 +474,7 @@ def train(
                         "filter": policy.state_dict(),
                     },
                     config.checkpoint.keep,
+                    plan,
                 )
             _barrier()
 

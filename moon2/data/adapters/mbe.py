@@ -18,8 +18,9 @@ a ``.parquet`` file, or a directory/glob of these. Columns used:
   joined with ``|``; an item without a colon becomes ``{key: item, value: ""}``.
 
 Every other source column is kept as ``mbe_<name>`` (nested values as JSON text). A row that
-cannot become a product (no id, a repeated id, neither title nor image) goes to
-``OUT/_rejects/products`` with the reason; nothing is dropped.
+cannot become a product (no id, a repeated id, neither title nor image, a relative image path
+leading outside the source folder) goes to ``OUT/_rejects/products`` with the reason;
+nothing is dropped.
 """
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ import pyarrow.parquet as pq
 
 from moon2 import progress
 from moon2.data.io import PartWriter
+from moon2.data.outdir import claim_output
 from moon2.data.schema import PRODUCTS, QUERIES, rejects_schema
 from moon2.errors import InputError
 
 STAGE = "convert-mbe"
+# what the conversion writes directly in OUT (a re-run deletes these, only in its own folder)
+OUTPUTS = ("products", "queries", "_rejects", "manifest.json")
 CATEGORY_COLUMNS = tuple(f"doc_cate{level}_name" for level in range(1, 5))
 KNOWN_COLUMNS = {
     "id",
@@ -101,6 +105,14 @@ def _source_files(src: str | os.PathLike[str]) -> list[Path]:
     if not files:
         raise InputError(f"no .json, .jsonl or .parquet files found at {text}")
     return files
+
+
+def _source_root(src: str | os.PathLike[str], files: list[Path]) -> Path:
+    """The folder relative image paths must stay in: SRC when it is a folder, else the
+    folder holding every source file."""
+    if Path(os.fspath(src)).is_dir():
+        return Path(src).resolve()
+    return Path(os.path.commonpath([f.parent.resolve() for f in files]))
 
 
 def _iter_records(file: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -218,11 +230,19 @@ def _parse_attribute_text(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def parse_images(value: Any, base_dir: Path | None = None) -> list[dict[str, Any]] | None:
+class PathOutsideSource(ValueError):
+    """A relative image path that leads out of the source folder (e.g. ``../../etc/x``)."""
+
+
+def parse_images(
+    value: Any, base_dir: Path | None = None, root: Path | None = None
+) -> list[dict[str, Any]] | None:
     """MBE ``doc_image`` -> list of image cells (paths/URLs kept, bytes kept).
 
     A relative local path is made absolute against ``base_dir`` (the source file's folder),
-    so it still points at the image from wherever the converted catalog is read.
+    so it still points at the image from wherever the converted catalog is read. One that
+    resolves outside ``root`` (the source folder; default ``base_dir``) raises
+    PathOutsideSource: conversion never turns it into a path to somewhere else.
     """
     if value is None:
         return None
@@ -245,7 +265,7 @@ def parse_images(value: Any, base_dir: Path | None = None) -> list[dict[str, Any
             # several URLs in one cell, as some exports write them
             for part in _IMAGE_SPLIT.split(text):
                 if part:
-                    cells.append({"bytes": None, "path": _absolute(part, base_dir)})
+                    cells.append({"bytes": None, "path": _absolute(part, base_dir, root)})
     return cells or None
 
 
@@ -265,10 +285,13 @@ def _extra_value(value: Any) -> str | None:
     return str(value)
 
 
-def _absolute(path: str, base_dir: Path | None) -> str:
+def _absolute(path: str, base_dir: Path | None, root: Path | None = None) -> str:
     if base_dir is None or "://" in path or Path(path).expanduser().is_absolute():
         return path
-    return str((base_dir / path).resolve())
+    resolved = (base_dir / path).resolve()
+    if not resolved.is_relative_to((root or base_dir).resolve()):
+        raise PathOutsideSource("a relative doc_image path leads outside the source folder")
+    return str(resolved)
 
 
 RESERVED_EXTRAS = {"mbe_industry_name", "mbe_parse_error", "mbe_split"}
@@ -281,9 +304,13 @@ def extra_column(key: str) -> str:
 
 
 def convert_record(
-    record: dict[str, Any], industry_as_root: bool, base_dir: Path | None = None
+    record: dict[str, Any],
+    industry_as_root: bool,
+    base_dir: Path | None = None,
+    root: Path | None = None,
 ) -> dict[str, Any]:
-    """One MBE record -> one products row (contract columns + mbe_* extras)."""
+    """One MBE record -> one products row (contract columns + mbe_* extras); raises
+    PathOutsideSource as :func:`parse_images` does."""
     category = [_text(record.get(column)) for column in CATEGORY_COLUMNS]
     category = [level for level in category if level]
     industry = _text(record.get("doc_industry_name"))
@@ -295,7 +322,7 @@ def convert_record(
         "description": None,
         "category": category or None,
         "attributes": parse_attributes(record.get("doc_attributes")),
-        "images": parse_images(record.get("doc_image"), base_dir),
+        "images": parse_images(record.get("doc_image"), base_dir, root),
         "mbe_industry_name": industry or None,
     }
     for key, value in record.items():
@@ -391,6 +418,22 @@ def convert_mbe(
     rows_per_part: int = 50_000,
     batch_rows: int = 2048,
 ) -> ConvertResult:
+    """Convert MBE-style records at ``src`` into ``out_dir`` (see :func:`_convert`); a re-run
+    into its own OUT replaces the earlier output whole, so two conversions never mix."""
+    files = _source_files(src)  # a missing or empty source is refused before OUT is made
+    inputs = [src, *files]
+    with claim_output(out_dir, STAGE, inputs=inputs, outputs=OUTPUTS, resume=False) as claim:
+        return _convert(src, claim.path, industry_as_root, split, rows_per_part, batch_rows)
+
+
+def _convert(
+    src: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    industry_as_root: bool,
+    split: str | None,
+    rows_per_part: int,
+    batch_rows: int,
+) -> ConvertResult:
     """Convert MBE-style records at ``src`` into ``out_dir/products`` (+ ``queries``, rejects).
 
     Query-document pair files (a query text and/or image column next to the product columns)
@@ -405,6 +448,7 @@ def convert_mbe(
     if split not in (None, "train", "test"):
         raise InputError(f"split must be 'train' or 'test', not {split!r}")
     files = _source_files(src)
+    root = _source_root(src, files)
     out = Path(out_dir)
     result = ConvertResult(out_dir=out)
     keys = _source_keys(files)
@@ -475,12 +519,20 @@ def convert_mbe(
                             }
                         )
                         continue
-                    row = convert_record(record, industry_as_root, base)
+                    outside = None
+                    try:
+                        row = convert_record(record, industry_as_root, base, root)
+                    except PathOutsideSource as exc:
+                        # rejected with its paths as written, never resolved outside SRC
+                        row = convert_record(record, industry_as_root)
+                        outside = str(exc)
                     row["mbe_split"] = file_split
                     product_id = row["product_id"]
                     reason = None
                     merged = False
-                    if product_id is None:
+                    if outside is not None:
+                        reason = outside
+                    elif product_id is None:
                         reason = "missing id"
                     elif not row["title"] and not row["images"]:
                         reason = "no doc_title and no doc_image"
@@ -509,7 +561,7 @@ def convert_mbe(
                             where,
                             file,
                             row_number,
-                            base,
+                            (base, root),
                             query_columns,
                             query_ids,
                             buffers,
@@ -562,14 +614,20 @@ def _add_query(
     where: str,
     file: Path,
     row_number: int,
-    base: Path,
+    folders: tuple[Path, Path],
     columns: _QueryColumns,
     seen: set[str],
     buffers: dict[str, list[dict[str, Any]]],
     result: ConvertResult,
 ) -> None:
+    """``folders``: the source file's folder and the source root (see :func:`parse_images`)."""
     text = _text(record.get(columns.text)) if columns.text else ""
-    images = parse_images(record.get(columns.image), base) if columns.image else None
+    outside = None
+    try:
+        images = parse_images(record.get(columns.image), *folders) if columns.image else None
+    except PathOutsideSource as exc:
+        images = parse_images(record.get(columns.image))  # kept as written in the reject
+        outside = str(exc).replace("doc_image", columns.image or "query image")
     if not text and not images:
         return  # a product-only row
     query_id = _id_text(record.get(columns.query_id)) if columns.query_id else ""
@@ -584,7 +642,9 @@ def _add_query(
         "mbe_split": product.get("mbe_split"),
     }
     reason = None
-    if query_id in seen:
+    if outside is not None:
+        reason = outside
+    elif query_id in seen:
         reason = f"repeated query id {query_id}"
     elif product_reason is not None and product_reason != "no doc_title and no doc_image":
         reason = f"its product was rejected ({product_reason})"

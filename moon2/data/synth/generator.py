@@ -19,7 +19,6 @@ import math
 import multiprocessing
 import os
 import random
-import shutil
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,6 +31,7 @@ from pydantic import Field, model_validator
 from moon2 import progress
 from moon2.config import Config
 from moon2.data.io import PART_TEMPLATE, remove_parts, write_table
+from moon2.data.outdir import claim_output
 from moon2.data.schema import PRODUCTS, QUERIES
 from moon2.data.synth import texts
 from moon2.data.synth.render import Appearance, View, render_bytes
@@ -617,6 +617,8 @@ def _worker_init(plan: Plan) -> None:
 # --- the command --------------------------------------------------------------------------
 
 STATE_FILE = "_synth_state.json"
+# what synth writes directly in OUT (--overwrite deletes these, and only in its own folder)
+OUTPUTS = ("products", "queries", STATE_FILE, "synth_config.yaml", "manifest.json")
 
 
 @dataclasses.dataclass
@@ -633,35 +635,34 @@ class SynthResult:
 def synth(
     config: SynthConfig, out_dir: str | os.PathLike[str], overwrite: bool = False
 ) -> SynthResult:
-    """Generate ``out_dir/products/`` and ``out_dir/queries/`` (resumable, deterministic)."""
-    started = time.perf_counter()
-    out = Path(out_dir)
-    state_path = out / STATE_FILE
-    digest = config.content_hash()
-    if state_path.exists():
-        previous = json.loads(state_path.read_text())
-        if previous.get("config_hash") != digest:
-            if not overwrite:
-                raise ConfigError(
-                    f"{out} holds a catalog generated with a different config; pass --overwrite "
-                    "to replace it or choose another output directory"
-                )
-            for name in ("products", "queries"):
-                shutil.rmtree(out / name, ignore_errors=True)
-    elif out.exists() and any((out / name).exists() for name in ("products", "queries")):
-        if not overwrite:
-            raise ConfigError(
-                f"{out} already has products/ or queries/ not written by moon2 synth; pass "
-                "--overwrite to replace them"
-            )
-        for name in ("products", "queries"):
-            shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("products", "queries"):  # temporaries of a killed run
-        remove_parts(out / name, keep_finished=True)
-    state_path.write_text(json.dumps({"config_hash": digest}))
-    config.to_yaml(out / "synth_config.yaml")
+    """Generate ``out_dir/products/`` and ``out_dir/queries/`` (resumable, deterministic).
 
+    ``overwrite`` replaces a catalog that moon2 synth generated there with another config
+    (never a folder another command or a person wrote)."""
+    started = time.perf_counter()
+    digest = config.content_hash()
+    legacy = ((STATE_FILE, "config_hash"),)  # a catalog from before output markers
+    with claim_output(out_dir, "synth", outputs=OUTPUTS, legacy=legacy) as claim:
+        out = claim.path
+        state_path = out / STATE_FILE
+        if state_path.exists():
+            previous = json.loads(state_path.read_text())
+            if previous.get("config_hash") != digest:
+                if not overwrite:
+                    raise ConfigError(
+                        f"{out} holds a catalog generated with a different config; pass "
+                        "--overwrite to replace it or choose another output directory"
+                    )
+                claim.reset()
+        for name in ("products", "queries"):  # temporaries of a killed run
+            remove_parts(out / name, keep_finished=True)
+        state_path.write_text(json.dumps({"config_hash": digest}))
+        config.to_yaml(out / "synth_config.yaml")
+        return _generate(out, config, started)
+
+
+def _generate(out: Path, config: SynthConfig, started: float) -> SynthResult:
+    """Write the part files not written yet, then the manifest."""
     plan = make_plan(config)
     size = config.rows_per_part
     tasks = []
