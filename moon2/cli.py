@@ -452,8 +452,8 @@ def ablate(
     data: Annotated[
         Path,
         typer.Argument(
-            help="A moon2 demo folder (trains on its cur/, evaluates on its bench/), or a "
-            "training catalog with products/ and queries/ (then give --bench).",
+            help="A moon2 demo folder (trains on its aug/, see --data; evaluates on its "
+            "bench/), or a training catalog with products/ and queries/ (then give --bench).",
             show_default=False,
         ),
     ],
@@ -467,6 +467,15 @@ def ablate(
     ],
     bench: Annotated[
         Path | None, typer.Option(help="The moon2 build-bench output to evaluate on.")
+    ] = None,
+    train_data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="What a demo folder trains on: aug (the default: augmented, not pre-filtered, "
+            "as the paper trained), cur (after moon2 filter) or a catalog PATH.",
+            show_default=False,
+        ),
     ] = None,
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per variant (0, 1, ..., N-1).")] = 3,
     variants: Annotated[
@@ -495,9 +504,12 @@ def ablate(
     Each variant trains with the same recipe, budget and seeds and is evaluated with moon2
     eval; the table (mean +- std over seeds, R@10 / accuracy) goes to OUT/ablation.md next to
     the paper's. Finished runs are skipped on a re-run, an interrupted one resumes, and the
-    table covers every finished run in OUT. On the demo's augmented split (2,777 queries) the
-    tiny-cpu recipe trains ~20 samples/s on 2 CPU cores: a run of --epochs 2 takes ~5 minutes
-    (15 runs: ~75 minutes), the recipe's 9 epochs ~21 minutes.
+    table covers every finished run in OUT. A recipe or budget under which an ablation's
+    switch changes nothing is refused (e.g. a filter.warmup covering the whole run), and each
+    run's train_summary.json must show its mechanism ran (full) or not (the ablation). On
+    the demo's augmented split (2,777 queries) the tiny-cpu recipe trains ~20 samples/s on 2
+    CPU cores: a run of --epochs 2 takes ~5 minutes (15 runs: ~75 minutes), the recipe's 9
+    epochs ~21 minutes.
     """
     from moon2.ablate import run_ablation
 
@@ -511,6 +523,7 @@ def ablate(
         epochs=epochs,
         max_steps=max_steps,
         resume=resume,
+        train_data=train_data,
     )
     typer.echo(result.markdown)
 
@@ -586,9 +599,12 @@ def build_bench(
     """Split a catalog by product and build MBE2.0-style zero-shot tasks.
 
     Writes OUT/train/{products,queries} (aug_* kept), OUT/test/ (aug_* stripped), one folder
-    per task under OUT/test/tasks/ (t2mm, i2mm, mm2mm, t2i, i2t: queries, candidate pool,
-    qrels; cls: labels; attr: attribute labels) and OUT/manifest.json with counts and leakage
-    checks. Near-duplicate products stay on one side; the split is stratified by category.
+    per task under OUT/test/tasks/ (t2mm, i2mm, mm2mm, t2i, i2t, title2image, image2title:
+    queries, candidate pool, qrels; cls: labels; attr: attribute labels) and OUT/manifest.json
+    with counts and leakage checks. t2i / i2t: text / image queries against the products' main
+    images / titles; title2image / image2title: a product's own title against its own main
+    image and back. Near-duplicate products stay on one side; the split is stratified by
+    category.
     """
     from moon2.bench.build import build_bench as run_build
     from moon2.bench.config import BenchConfig
@@ -827,7 +843,10 @@ def eval_(
     ] = None,
     tasks: Annotated[
         str | None,
-        typer.Option(help="Comma-separated subset of t2mm,i2mm,mm2mm,t2i,i2t,cls,attr."),
+        typer.Option(
+            help="Comma-separated subset of t2mm,i2mm,mm2mm,t2i,i2t,cls,attr,title2image,"
+            "image2title."
+        ),
     ] = None,
     device: Annotated[
         str | None, typer.Option(help="auto, cpu, cuda, cuda:N. [default: auto]")
@@ -838,8 +857,10 @@ def eval_(
 ) -> None:
     """Zero-shot evaluation: retrieval R@k/MRR/nDCG/mAP, classification and attributes.
 
-    Writes OUT/results.json, OUT/results.md (a table like the paper's) and OUT/runs/<task>.trec
-    (TREC run files; the benchmark has qrels.trec for trec_eval).
+    Writes OUT/results.json, OUT/results.md (a table like the paper's), OUT/runs/<task>.trec
+    (TREC run files; the benchmark has qrels.trec for trec_eval) and
+    OUT/per_query/<task>.parquet (each query's or item's metrics, which the means in
+    results.json average; moon2 compare tests differences on them).
     """
     from moon2.bench.config import EvalConfig
     from moon2.bench.evaluate import evaluate
@@ -856,6 +877,50 @@ def eval_(
     from moon2.bench.evaluate import render_markdown
 
     typer.echo(render_markdown(result.results))
+
+
+@app.command("compare")
+@_user_errors
+def compare_(
+    evals: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Two or more moon2 eval folders of one benchmark; the first (A) is the "
+            "baseline the others are compared with.",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", help="Where compare.json and compare.md go.", show_default=False),
+    ],
+    metrics: Annotated[
+        str,
+        typer.Option(
+            help="headline (R@10 for retrieval, acc for cls/attr), all, or comma-separated "
+            "names (R@1,R@5,R@10,MRR@10,nDCG@10,mAP,acc)."
+        ),
+    ] = "headline",
+    resamples: Annotated[
+        int, typer.Option(help="Random sign flips and bootstrap resamples per test.")
+    ] = 10_000,
+    seed: Annotated[int, typer.Option(help="Seed of every test (same seed, same numbers).")] = 0,
+) -> None:
+    """Paired significance of the differences between eval folders, task by task.
+
+    Per task and metric: each folder's mean, the difference B - A, a two-sided paired
+    sign-flip randomization p-value (exact when 2^(queries that differ) <= resamples), a
+    paired bootstrap 95% CI of the difference and Holm-corrected p (over the tasks of one
+    metric, per compared folder). Needs OUT/per_query/ of moon2 eval. Writes
+    OUT/compare.json and OUT/compare.md.
+    """
+    from moon2.bench.compare import compare
+
+    wanted: str | list[str] = metrics
+    if metrics not in ("headline", "all"):
+        wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+    result = compare(evals, out_dir, metrics=wanted, resamples=resamples, seed=seed)
+    typer.echo(result.markdown)
 
 
 @app.command()

@@ -175,7 +175,7 @@ class Harness:
             margins = self.objective._margins(
                 batch, list(range(len(batch.positions))), scores, positive, allowed, 0
             )
-            self.policy.weights(margins, 0.5, 1)
+            self.policy.weights(margins, 0.5)
             rows.append(_score_rows(result, self.dataset, 0, kept=True))
             total += time.perf_counter() - started
         started = time.perf_counter()

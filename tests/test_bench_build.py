@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from moon2.bench.build import build_bench, normalise_title
-from moon2.bench.config import ALL_TASKS, BenchConfig
+from moon2.bench.config import ALL_TASKS, RETRIEVAL_TASKS, BenchConfig
 from moon2.errors import InputError
 from tests.factories import png_bytes, product_row, products_table, queries_table, query_row
 
@@ -43,7 +43,7 @@ def test_every_task_is_built(bench: Path) -> None:
     assert set(manifest["tasks"]) == set(ALL_TASKS)
     for task in ALL_TASKS:
         assert (bench / "test" / "tasks" / task / "task.json").exists()
-    for task in ("t2mm", "i2mm", "mm2mm", "t2i", "i2t"):
+    for task in RETRIEVAL_TASKS:
         task_dir = bench / "test" / "tasks" / task
         queries = pq.read_table(task_dir / "queries")
         qrels = pq.read_table(task_dir / "qrels.parquet")
@@ -259,9 +259,12 @@ def test_catalog_without_images_skips_image_tasks(tmp_path: Path) -> None:
         tmp_path / "bench",
         BenchConfig.model_validate({"split": {"test_fraction": 0.5}, "tasks": {"min_items": 2}}),
     )
-    assert {"i2mm", "mm2mm", "t2i", "i2t"} <= set(result.skipped)
+    assert {"i2mm", "mm2mm", "t2i", "i2t", "title2image", "image2title"} <= set(result.skipped)
     assert "test image queries" in result.skipped["i2mm"]
-    assert "both a title and an image" in result.skipped["t2i"]
+    assert "test image queries" in result.skipped["i2t"]
+    # text queries there are, but no product with an image to be their candidate
+    assert "have a relevant product with an image" in result.skipped["t2i"]
+    assert "both a title and an image" in result.skipped["title2image"]
     assert {"t2mm", "cls"} <= set(result.manifest["tasks"])
     assert "no attribute key qualifies" in result.skipped["attr"]  # one colour for all
 

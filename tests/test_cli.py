@@ -21,7 +21,17 @@ runner = CliRunner()
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["synth"], ["validate"], ["convert", "mbe"], ["demo"], ["filter"], ["ablate"], ["report"]],
+    [
+        [],
+        ["synth"],
+        ["validate"],
+        ["convert", "mbe"],
+        ["demo"],
+        ["filter"],
+        ["ablate"],
+        ["report"],
+        ["compare"],
+    ],
 )
 def test_help(command):
     result = runner.invoke(app, [*command, "--help"])

@@ -7,6 +7,8 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -152,6 +154,39 @@ def test_summary_mean_and_sample_std_by_hand():
     assert "| w/o MoE | 51.29 | 62.55 |" in table  # the paper's row, the same two columns
 
 
+def _check_significance(out: Path, tests: dict, markdown: str) -> None:
+    """The ablation's paired tests, recomputed from the per-query files by hand: (query x
+    seed) pairs of both seeds, the sign-flip p and Holm over the tasks."""
+    from moon2.bench.compare import paired_test
+    from moon2.bench.evaluate import HEADLINE, PER_QUERY_COLUMN, per_query_ids
+
+    assert set(tests) == {"no_dual"}
+    row = tests["no_dual"]
+    for task, test in row.items():
+        full, ablated = [], []
+        column = PER_QUERY_COLUMN.get(HEADLINE[task], HEADLINE[task])
+        for seed in (0, 1):
+            runs = [out / name / f"seed-{seed}" / "eval" for name in ("full", "no_dual")]
+            frames = [pl.read_parquet(run / "per_query" / f"{task}.parquet") for run in runs]
+            ids = list(per_query_ids(task))
+            a, b = (f.sort(ids)[column].cast(pl.Float64).to_numpy() for f in frames)
+            full.append(a)
+            ablated.append(b)
+        a, b = np.concatenate(full), np.concatenate(ablated)
+        expected = paired_test(a, b)
+        assert test["pairs"] == a.size and test["seeds"] == [0, 1]
+        assert test["diff"] == pytest.approx((b - a).mean())
+        assert test["p"] == pytest.approx(expected.p)
+        assert test["ci_low"] <= test["diff"] <= test["ci_high"]
+    ordered = sorted(row.values(), key=lambda t: t["p"])
+    m = len(ordered)
+    running = 0.0
+    for i, test in enumerate(ordered):
+        running = max(running, min(1.0, (m - i) * test["p"]))
+        assert test["p_holm"] == pytest.approx(running)
+    assert "significant (p < 0.05 after Holm" in markdown
+
+
 def test_ablate_grid_table_and_resume(demo_dir: Path, tiny_recipe: Path, tmp_path):
     out = tmp_path / "ablate"
     kwargs = {
@@ -180,6 +215,7 @@ def test_ablate_grid_table_and_resume(demo_dir: Path, tiny_recipe: Path, tmp_pat
     saved = json.loads((out / "ablation.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(result.summary))
     assert (out / "ablation.md").read_text() == result.markdown
+    _check_significance(out, saved["significance"], result.markdown)
 
     # a re-run trains nothing and writes the same table
     def stamp(variant: str, seed: int) -> int:
@@ -209,13 +245,22 @@ def test_ablate_grid_table_and_resume(demo_dir: Path, tiny_recipe: Path, tmp_pat
 def test_ablate_errors_name_the_problem(demo_dir: Path, tmp_path):
     with pytest.raises(InputError, match="not a moon2 demo folder"):
         run_ablation(demo_dir / "catalog", tmp_path / "a")
-    # a demo killed during filter: cur/ has parts but no report yet
+    # a demo killed during filter: cur/ has parts but no report yet (--data cur)
     half = tmp_path / "half"
     shutil.copytree(demo_dir / "cur", half / "cur")
     shutil.copytree(demo_dir / "bench", half / "bench")
     (half / "cur" / "filter_report.json").unlink()
     with pytest.raises(InputError, match="has not finished"):
+        run_ablation(half, tmp_path / "a", train_data="cur")
+    with pytest.raises(InputError, match=r"not a moon2 demo folder \(no aug/"):
+        run_ablation(half, tmp_path / "a")  # the default trains on aug/, which is missing
+    # ... and killed during augment: aug/ without its manifest
+    shutil.copytree(demo_dir / "aug", half / "aug")
+    (half / "aug" / "manifest.json").unlink()
+    with pytest.raises(InputError, match=r"aug/manifest\.json is missing"):
         run_ablation(half, tmp_path / "a")
+    with pytest.raises(InputError, match="--data picks the training data of a moon2 demo"):
+        run_ablation(demo_dir / "aug", tmp_path / "a", demo_dir / "bench", train_data="cur")
     with pytest.raises(InputError, match="unknown variant"):
         run_ablation(demo_dir, tmp_path / "a", variants=("full", "no_such"))
     # the bench's own train split was never augmented: the no_coaug variant would be a no-op
@@ -229,6 +274,83 @@ def test_ablate_cli(demo_dir: Path, tiny_recipe: Path, tmp_path):
     assert result.exit_code == 0, result.output
     assert "| w/o MoE |" in result.stdout
     assert (tmp_path / "a" / "no_moe" / "seed-0" / "eval" / "results.json").exists()
+
+
+def _recipe(tiny_recipe: Path, where: Path, **sections: dict) -> Path:
+    import yaml
+
+    config = yaml.safe_load(tiny_recipe.read_text())
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    where.write_text(yaml.safe_dump(config))
+    return where
+
+
+def test_ablate_refuses_a_budget_where_a_switch_changes_nothing(
+    demo_dir: Path, tiny_recipe: Path, tmp_path
+):
+    late = _recipe(tiny_recipe, tmp_path / "late.yaml", filter={"warmup": 1.0})
+    args = ["ablate", str(demo_dir), str(tmp_path / "a"), "--seeds", "1", "--config", str(late)]
+    result = runner.invoke(app, [*args, "--variants", "full,no_filter"])
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    assert "warm-up (filter.warmup 1.0) covers all" in message and "lower filter.warmup" in message
+    assert not (tmp_path / "a" / "full").exists()  # refused before any training
+    # the same recipe is fine when the filter is not what the grid compares
+    from moon2.ablate import VARIANTS, check_switches
+    from moon2.train.recipes import load_recipe
+
+    by_name = {v.name: v for v in VARIANTS}
+    check_switches(load_recipe(late), [by_name["full"], by_name["no_moe"]], demo_dir / "aug")
+    switches = (("moe", "enabled", "no_moe"), ("loss", "intra", "no_dual"))
+    for section, key, name in (*switches, ("data", "use_augmented", "no_coaug")):
+        recipe = _recipe(tiny_recipe, tmp_path / f"{name}.yaml", **{section: {key: False}})
+        off = load_recipe(recipe)
+        with pytest.raises(ConfigError, match=rf"{section}\.{key} is false in the recipe"):
+            check_switches(off, [by_name["full"], by_name[name]], demo_dir / "aug")
+
+
+def test_ablate_trains_on_aug_and_checks_each_run_did_what_it_claims(
+    demo_dir: Path, tiny_recipe: Path, tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    out = tmp_path / "a"
+    args = ["ablate", str(demo_dir), str(out), "--seeds", "1", "--epochs", "1"]
+    more = ["--variants", "full,no_filter", "--config", str(tiny_recipe), "--max-steps", "3"]
+    result = runner.invoke(app, [*args, *more])
+    assert result.exit_code == 0, result.output
+    about = json.loads((out / "ablation.json").read_text())["about"]
+    assert Path(about["data"]) == (demo_dir / "aug").resolve()  # not pre-filtered
+    runs = {
+        name: json.loads((out / name / "seed-0" / "run" / "train_summary.json").read_text())
+        for name in ("full", "no_filter")
+    }
+    full, plain = runs["full"]["mechanisms"], runs["no_filter"]["mechanisms"]
+    assert full["dynamic_filter"]["acted"] and full["dynamic_filter"]["samples"] > 0
+    assert not plain["dynamic_filter"]["acted"] and plain["dynamic_filter"]["samples"] == 0
+    assert full["co_augmentation"]["ran"] and full["co_augmentation"]["with_aug_title"] > 0
+    assert full["co_augmentation"]["with_aug_images"] > 0
+    # --data cur keeps training on the filtered split
+    once = {"seeds": (0,), "config": tiny_recipe, "epochs": 1}
+    cur = run_ablation(
+        demo_dir, tmp_path / "c", variants=("no_moe",), max_steps=1, train_data="cur", **once
+    )
+    about = json.loads((tmp_path / "c" / "ablation.json").read_text())["about"]
+    assert cur.runs and Path(about["data"]) == (demo_dir / "cur").resolve()
+    # a full run whose filter never acted (simulated) is caught before its evaluation
+    import torch
+
+    from moon2.curate.dynamic import FilterPolicy
+
+    def never(self, margins, progress, losses=None):
+        phi = torch.sigmoid(margins)
+        return phi, torch.ones_like(phi)
+
+    monkeypatch.setattr(FilterPolicy, "weights", never)
+    with pytest.raises(ConfigError, match=r"^full/seed-0: the dynamic filter never acted"):
+        run_ablation(demo_dir, tmp_path / "b", variants=("full", "no_filter"), max_steps=3, **once)
+    assert not (tmp_path / "b" / "full" / "seed-0" / "eval").exists()
+    assert not (tmp_path / "b" / "no_filter").exists()
 
 
 def test_resume_keeps_the_metrics_up_to_the_checkpoint_and_drops_a_cut_line(tmp_path):

@@ -20,6 +20,7 @@ from moon2.bench.evaluate import RETRIEVAL_METRICS, evaluate
 from moon2.bench.metrics import (
     classification_metrics,
     confusion,
+    first_relevant_rank,
     read_trec_qrels,
     retrieval_metrics,
     write_trec_qrels,
@@ -84,6 +85,13 @@ def test_per_query_arrays():
     assert per_query["nDCG@10"][3] == pytest.approx(0.516054, abs=1e-6)
     assert per_query["mAP"] == pytest.approx(AP)
     assert all(values.shape == (4,) for values in per_query.values())
+
+
+def test_first_relevant_rank_by_hand():
+    # q0: 3 at rank 1; q1: 7 at rank 3; q2: 8 not retrieved; q3: 6 at rank 2
+    assert first_relevant_rank(RANKED, RELEVANT).tolist() == [1, 3, 0, 2]
+    padded = np.array([[4, -1, -1], [2, 5, -1]])  # padding is never relevant
+    assert first_relevant_rank(padded, [{5}, [5, 9]]).tolist() == [0, 2]
 
 
 def test_cutoffs_and_ks_order():

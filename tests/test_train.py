@@ -425,29 +425,66 @@ def test_upcycled_moe_backbone_equals_dense_at_init() -> None:
 def test_filter_policies() -> None:
     margins = torch.tensor([0.5, 0.05, -0.3, 0.2])
     weighting = FilterPolicy(
-        FilterConfig(kappa=10, tau=0.6, m_bar_start=0.2, m_bar_end=0.0, warmup_epochs=1)
+        FilterConfig(kappa=10, tau=0.6, m_bar_start=0.2, m_bar_end=0.0, warmup=0.3)
     )
-    phi, weight = weighting.weights(margins, progress=0.0, epoch=0)
+    phi, weight = weighting.weights(margins, progress=0.0)
     assert torch.allclose(phi, torch.sigmoid(10 * (margins - 0.2)))
-    assert torch.equal(weight, torch.ones(4))  # warm-up epoch: nothing down-weighted
-    phi, weight = weighting.weights(margins, progress=1.0, epoch=1)  # m_bar has decayed to 0
+    assert torch.equal(weight, torch.ones(4))  # warm-up: nothing down-weighted
+    assert torch.equal(weighting.weights(margins, progress=0.29)[1], torch.ones(4))
+    phi, weight = weighting.weights(margins, progress=1.0)  # m_bar has decayed to 0
     expected_phi = torch.sigmoid(10 * margins)
     assert torch.allclose(phi, expected_phi)
     assert torch.allclose(weight, torch.where(expected_phi < 0.6, expected_phi, 1.0))
-    zero = FilterPolicy(FilterConfig(low_weight="zero", warmup_epochs=0, m_bar_start=0.2))
-    _, weight = zero.weights(margins, 0.0, 0)  # m_bar 0.2: phi(0.2) = 0.5 < tau
+    zero = FilterPolicy(FilterConfig(low_weight="zero", warmup=0, m_bar_start=0.2))
+    _, weight = zero.weights(margins, 0.0)  # m_bar 0.2: phi(0.2) = 0.5 < tau
     assert weight.tolist() == [1.0, 0.0, 0.0, 0.0]
 
     scores = pl.DataFrame({"position": list(range(10)), "loss": [float(i % 5) for i in range(10)]})
-    prune = FilterPolicy(FilterConfig(policy="loss_prune", prune_fraction=0.2, warmup_epochs=1))
-    assert prune.end_epoch(scores, epoch=0) == {4, 9}  # the two highest losses
-    assert torch.equal(prune.weights(margins, 0.5, 3)[1], torch.ones(4))
+    prune = FilterPolicy(FilterConfig(policy="loss_prune", prune_fraction=0.2, warmup=0.5))
+    assert prune.end_epoch(scores, progress=0.4) == set()  # the next epoch is still warm-up
+    assert prune.end_epoch(scores, progress=0.5) == {4, 9}  # the two highest losses
+    assert torch.equal(prune.weights(margins, 0.5)[1], torch.ones(4))
     restored = FilterPolicy(prune.config)
     restored.load_state_dict(prune.state_dict())
-    assert restored.dropped == {4, 9}
-    assert prune.end_epoch(scores.with_columns(pl.lit(0.0).alias("loss")), 1) == {0, 1}
+    assert restored.dropped == {4, 9} and restored.pruning
+    assert prune.end_epoch(scores.with_columns(pl.lit(0.0).alias("loss")), 1.0) == {0, 1}
     off = FilterPolicy(FilterConfig(enabled=False, policy="loss_prune"))
-    assert off.end_epoch(scores, 5) == set() and off.name == "none"
+    assert off.end_epoch(scores, 1.0) == set() and off.name == "none"
+
+
+def test_loss_prune_cuts_inside_the_epoch_where_the_warm_up_ends() -> None:
+    """No earlier epoch to decide from (a 1-epoch run): the warm-up part's losses set a cut."""
+    prune = FilterPolicy(FilterConfig(policy="loss_prune", prune_fraction=0.25, warmup=0.5))
+    losses = torch.tensor([0.5, 3.5, 2.0, 9.0])
+    assert not prune.wants_cut(0.4)
+    assert prune.wants_cut(0.5)
+    prune.set_cut([])  # nothing seen yet this epoch: no cut, asked again next step
+    assert prune.wants_cut(0.5)
+    prune.set_cut([0.0, 1.0, 2.0, 3.0, 4.0])  # 75th percentile: 3.0
+    assert prune.loss_cut == pytest.approx(3.0) and not prune.wants_cut(0.6)
+    assert prune.weights(losses, 0.4, losses)[1].tolist() == [1.0, 1.0, 1.0, 1.0]  # warm-up
+    assert prune.weights(losses, 0.6, losses)[1].tolist() == [1.0, 0.0, 1.0, 0.0]
+    restored = FilterPolicy(prune.config)
+    restored.load_state_dict(prune.state_dict())  # a checkpoint inside that epoch
+    assert restored.loss_cut == prune.loss_cut
+    prune.end_epoch(pl.DataFrame({"position": [0, 1], "loss": [1.0, 2.0]}), 0.7)
+    assert prune.loss_cut is None and prune.pruning and not prune.wants_cut(0.8)
+
+
+def test_warm_up_is_a_share_of_the_run_and_warmup_epochs_is_refused(tmp_path: Path) -> None:
+    from moon2.errors import ConfigError
+    from moon2.train.config import OptimConfig, TrainConfig
+
+    assert FilterConfig(warmup=0.3).first_update(10) == 3
+    assert FilterConfig(warmup=0.3).active(3 / 10) and not FilterConfig(warmup=0.3).active(0.2)
+    assert FilterConfig(warmup=1.0).first_update(7) == 7  # never
+    assert OptimConfig(epochs=2, batch_size=8).planned_updates(100) == 24
+    assert OptimConfig(epochs=2, batch_size=8, max_steps=5).planned_updates(100) == 5
+    assert OptimConfig(epochs=1, batch_size=8, grad_accum=4).planned_updates(100, 2) == 1
+    old = tmp_path / "old.yaml"
+    old.write_text("filter:\n  warmup_epochs: 2\noptim:\n  epochs: 8\n")
+    with pytest.raises(ConfigError, match=r"replaced by filter.warmup.*'warmup: 0.25'"):
+        TrainConfig.from_yaml(old)
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -628,6 +665,59 @@ def test_rejects_bad_rows_and_keeps_training(tmp_path: Path) -> None:
     assert summary["queries_used"] + summary["queries_rejected"] == len(queries)
 
 
+@pytest.mark.parametrize(
+    "policy", [{"warmup": 0.3}, {"policy": "loss_prune", "warmup": 0.5, "prune_fraction": 0.3}]
+)
+def test_a_short_run_filters_and_says_what_each_mechanism_did(
+    small_catalog: Path, tmp_path: Path, policy: dict
+) -> None:
+    """1 epoch cut to 4 updates: the warm-up is a share of them, so the filter acts."""
+    config = tiny_config(optim={"epochs": 1, "max_steps": 4}, filter=policy)
+    summary = train(small_catalog, tmp_path / "run", config).summary
+    mechanisms = summary["mechanisms"]
+    scores = pl.read_parquet(tmp_path / "run" / "scores" / "epoch-000.parquet")
+    acted = scores.filter(pl.col("weight") < 1)
+    assert mechanisms["steps"] == 4
+    filtered = mechanisms["dynamic_filter"]
+    assert filtered["acted"] and filtered["epochs"] == 1
+    assert filtered["samples"] == acted.height > 0
+    assert filtered["first_update"] == {0.3: 2, 0.5: 2}[policy["warmup"]]  # ceil(share x 4)
+    # only samples of the updates after the warm-up were touched (8 samples per update)
+    assert scores.height == 32 and acted.height <= 8 * (4 - filtered["first_update"])
+    assert mechanisms["intra_loss"] == {"ran": True, "steps": 4}
+    assert mechanisms["moe"] == {"ran": True, "steps": 4}
+    augmented = mechanisms["co_augmentation"]  # the synthetic catalog has no aug_* columns
+    assert not augmented["ran"] and augmented["with_aug_title"] == 0
+    assert augmented["candidates"] > 0
+
+
+def test_switched_off_mechanisms_show_zero(small_catalog: Path, tmp_path: Path) -> None:
+    config = tiny_config(
+        optim={"epochs": 1, "max_steps": 3},
+        filter={"enabled": False, "warmup": 0.0},
+        moe={"enabled": False},
+        loss={"intra": False},
+    )
+    mechanisms = train(small_catalog, tmp_path / "run", config).summary["mechanisms"]
+    assert mechanisms["dynamic_filter"]["acted"] is False
+    assert mechanisms["dynamic_filter"]["samples"] == mechanisms["dynamic_filter"]["epochs"] == 0
+    assert mechanisms["intra_loss"] == {"ran": False, "steps": 0}
+    assert mechanisms["moe"] == {"ran": False, "steps": 0}
+
+
+def test_a_filter_whose_warm_up_covers_the_run_is_warned_about(
+    small_catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moon2.train import trainer
+
+    warnings: list[str] = []
+    monkeypatch.setattr(trainer.progress, "warn", warnings.append)
+    config = tiny_config(optim={"epochs": 1, "max_steps": 2}, filter={"warmup": 1.0})
+    mechanisms = train(small_catalog, tmp_path / "run", config).summary["mechanisms"]
+    assert any("will not act" in w and "covers all 2 updates" in w for w in warnings)
+    assert not mechanisms["dynamic_filter"]["acted"]
+
+
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "final" / "model.safetensors"))
 
@@ -683,7 +773,11 @@ def test_killed_run_resumes_to_the_same_weights(small_catalog: Path, tmp_path: P
 
 
 def test_ddp_two_cpu_processes(small_catalog: Path, tmp_path: Path) -> None:
-    config = tiny_config(optim={"epochs": 1, "batch_size": 4, "max_steps": 6})
+    # loss_prune: its in-epoch cut gathers both ranks' losses at the same step
+    config = tiny_config(
+        optim={"epochs": 1, "batch_size": 4, "max_steps": 6},
+        filter={"policy": "loss_prune", "prune_fraction": 0.25},
+    )
     config_path = tmp_path / "tiny.yaml"
     config.to_yaml(config_path)
     out = tmp_path / "ddp"
@@ -709,6 +803,10 @@ def test_ddp_two_cpu_processes(small_catalog: Path, tmp_path: Path) -> None:
     assert summary["world_size"] == 2 and summary["updates"] == 6
     scores = pl.read_parquet(out / "scores" / "epoch-000.parquet")
     assert scores.height == 6 * 4 * 2  # both ranks' samples, gathered
+    mechanisms = summary["mechanisms"]  # both ranks' counts, summed
+    assert mechanisms["steps"] == mechanisms["intra_loss"]["steps"] == 6 * 2
+    assert mechanisms["dynamic_filter"]["samples"] == scores.filter(pl.col("weight") < 1).height
+    assert mechanisms["dynamic_filter"]["acted"]
     assert load_model(out / "final", device="cpu").encode(_items()).shape[0] == 3
 
 

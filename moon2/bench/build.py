@@ -5,15 +5,23 @@ Layout written under OUT::
     train/products, train/queries       every column kept (aug_* included)
     test/products, test/queries         aug_* columns stripped: test data is never augmented
     test/tasks/<task>/task.json         what the task is, sizes, modalities
-    test/tasks/<t2mm|i2mm|mm2mm|t2i|i2t>/queries/, candidates.parquet, qrels.parquet, qrels.trec
+    test/tasks/<retrieval task>/queries/, candidates.parquet, qrels.parquet, qrels.trec
     test/tasks/cls/labels.parquet       product_id, label, label_text
     test/tasks/attr/labels.parquet      product_id, key, value
     _rejects/products, _rejects/queries rows that could not be used, with the reason
     manifest.json, bench_config.yaml
 
-Retrieval candidates refer to ``test/products`` by id (the pool is embedded once for all
-multimodal tasks) and are listed in a seeded random order: the evaluator breaks score ties by
-pool position, so a degenerate model scores at chance, not by luck of the input order.
+Retrieval tasks, as MBE2.0 defines them: the test queries of one modality (t2mm and t2i:
+text, i2mm and i2t: image, mm2mm: both) against the test products seen through one modality
+(t2mm / i2mm / mm2mm: title and images; t2i: the main image only; i2t: the title only). A
+product without an image (t2i) or without a title (i2t) cannot be a candidate there, and a
+query none of whose relevant products is a candidate is left out; task.json and the manifest
+count both (``products_left_out``, ``queries_left_out``). Two more tasks pair each test product
+with itself, not a query: title2image (its title finds its main image) and image2title (back).
+
+Retrieval candidates refer to ``test/products`` by id (the pool is embedded once per
+candidate modality) and are listed in a seeded random order: the evaluator breaks score ties
+by pool position, so a degenerate model scores at chance, not by luck of the input order.
 
 Near-duplicate products (same normalised title, or a shared image: same bytes or same path)
 form groups with scipy's connected components; a group goes to one side as a whole, and every
@@ -61,7 +69,19 @@ TRAIN, TEST = "train", "test"
 OUTPUTS = (TRAIN, TEST, "_rejects", "bench_config.yaml", "manifest.json")
 AUG_PREFIX = "aug_"
 
-QUERY_TASKS = {"t2mm": "text", "i2mm": "image", "mm2mm": "mm"}
+# tasks built from the test queries: task -> (query modality, candidate modality)
+QUERY_TASKS = {
+    "t2mm": ("text", "mm"),
+    "i2mm": ("image", "mm"),
+    "mm2mm": ("mm", "mm"),
+    "t2i": ("text", "image"),
+    "i2t": ("image", "text"),
+}
+# tasks pairing a test product's title with its own main image: task -> (query, candidate)
+OWN_PAIR_TASKS = {"title2image": ("text", "image"), "image2title": ("image", "text")}
+# what a product needs to be a candidate of each modality, and what a candidate's input is
+CANDIDATE_NEEDS = {"image": "an image", "text": "a title"}
+CANDIDATE_INPUT = {"mm": "title and images", "image": "main image", "text": "title"}
 TASK_QUERY_SCHEMA = pa.schema(
     [
         pa.field("query_id", pa.string(), nullable=False),
@@ -594,38 +614,109 @@ def _test_products_light(out: Path) -> pl.DataFrame:
     )
 
 
+def _candidate_pools(light: pl.DataFrame) -> dict[str, list[str]]:
+    """The test products that can be a candidate of each modality: every one as a product
+    (mm), those with an image as an image, those with a title as a text."""
+    return {
+        "mm": light["product_id"].to_list(),
+        "image": light.filter(pl.col("has_image"))["product_id"].to_list(),
+        "text": light.filter(pl.col("has_title"))["product_id"].to_list(),
+    }
+
+
+@dataclass
+class _Selection:
+    """A query task before it is written: its queries, candidate pool and qrels."""
+
+    queries: pl.DataFrame  # query_id, positive_id, modality
+    pool: list[str]
+    qrels: pl.DataFrame
+    queries_left_out: int
+
+
+def _select_queries(
+    task: str,
+    config: BenchConfig,
+    test_queries: pl.DataFrame,
+    pools: dict[str, list[str]],
+    groups: pl.DataFrame,
+    skipped: dict[str, str],
+) -> _Selection | None:
+    """The test queries of the task's modality that have a relevant candidate in its pool
+    (None, with the reason in ``skipped``, when fewer than min_items are left)."""
+    query_modality, candidate_modality = QUERY_TASKS[task]
+    allowed = [query_modality]
+    if config.tasks.query_views == "all" and query_modality in ("text", "image"):
+        allowed.append("mm")
+    chosen = test_queries.filter(pl.col("modality").is_in(allowed))
+    pool = pools[candidate_modality]
+    qrels = chosen.select(
+        "query_id", pl.col("positive_id").alias("candidate_id"), relevance=pl.lit(1, pl.Int32)
+    )
+    qrels = _relevant_members(qrels, groups, set(pool))
+    answerable = chosen.filter(pl.col("query_id").is_in(qrels["query_id"].unique().to_list()))
+    minimum = config.tasks.min_items
+    if answerable.height < minimum and answerable.height < chosen.height:
+        needs = CANDIDATE_NEEDS[candidate_modality]
+        skipped[task] = (
+            f"only {answerable.height} of {chosen.height} test {query_modality} queries have a "
+            f"relevant product with {needs} (min_items={minimum}); a product without "
+            f"{needs} cannot be a {candidate_modality} candidate"
+        )
+        return None
+    if answerable.height < minimum:
+        skipped[task] = (
+            f"only {chosen.height} test {query_modality} queries (min_items={minimum}); the "
+            "catalog has no such queries on the test side"
+        )
+        return None
+    return _Selection(answerable, pool, qrels, chosen.height - answerable.height)
+
+
+def _retrieval_spec(
+    task: str, modalities: tuple[str, str], query_source: str, counts: dict[str, int]
+) -> dict[str, Any]:
+    """A retrieval task's task.json: what its queries and candidates are, and its sizes."""
+    query_modality, candidate_modality = modalities
+    spec: dict[str, Any] = {
+        "task": task,
+        "kind": "retrieval",
+        "query_modality": query_modality,
+        "candidate_modality": candidate_modality,
+        "query_source": query_source,
+        "candidate_source": "products",
+        "candidate_input": CANDIDATE_INPUT[candidate_modality],
+        **counts,
+    }
+    if "products_left_out" in counts:
+        needs = CANDIDATE_NEEDS[candidate_modality]
+        spec["left_out"] = (
+            f"test products without {needs} are not candidates (products_left_out); queries "
+            f"none of whose relevant products has {needs} are left out (queries_left_out)"
+        )
+    return spec
+
+
 def _build_query_tasks(
     out: Path,
     config: BenchConfig,
     test_queries: pl.DataFrame,
-    pool: list[str],
+    pools: dict[str, list[str]],
     groups: pl.DataFrame,
     skipped: dict[str, str],
     rng: np.random.Generator,
 ) -> dict[str, dict[str, int]]:
+    """t2mm, i2mm, mm2mm, t2i and i2t: test queries against test products."""
     counts: dict[str, dict[str, int]] = {}
-    wanted = [t for t in QUERY_TASKS if t in config.tasks.tasks]
-    if not wanted:
-        return counts
-    pool_set = set(pool)
-    selected: dict[str, pl.DataFrame] = {}
-    for task in wanted:
-        modality = QUERY_TASKS[task]
-        allowed = [modality]
-        if config.tasks.query_views == "all" and modality in ("text", "image"):
-            allowed.append("mm")
-        chosen = test_queries.filter(pl.col("modality").is_in(allowed))
-        if chosen.height < config.tasks.min_items:
-            skipped[task] = (
-                f"only {chosen.height} test {modality} queries (min_items="
-                f"{config.tasks.min_items}); the catalog has no such queries on the test side"
-            )
-            continue
-        selected[task] = chosen
+    selected: dict[str, _Selection] = {}
+    for task in QUERY_TASKS:
+        if task in config.tasks.tasks:
+            chosen = _select_queries(task, config, test_queries, pools, groups, skipped)
+            if chosen is not None:
+                selected[task] = chosen
     if not selected:
         return counts
-    candidates_written: dict[str, list[str]] = {}
-    task_ids = {task: set(frame["query_id"].to_list()) for task, frame in selected.items()}
+    task_ids = {task: set(s.queries["query_id"].to_list()) for task, s in selected.items()}
     writers = {
         task: PartWriter(out / TEST / "tasks" / task / "queries", TASK_QUERY_SCHEMA)
         for task in selected
@@ -639,7 +730,7 @@ def _build_query_tasks(
                 if not keep:
                     continue
                 chosen = table.take(pa.array(keep, pa.int64())).select(TASK_QUERY_SCHEMA.names)
-                modality = QUERY_TASKS[task]
+                modality = QUERY_TASKS[task][0]
                 if modality == "text":  # the text view only, even of a multimodal query
                     chosen = chosen.set_column(
                         2, "query_image", pa.nulls(chosen.num_rows, IMAGE_TYPE)
@@ -656,46 +747,39 @@ def _build_query_tasks(
     for task, writer in writers.items():
         writer.close()
         task_dir = out / TEST / "tasks" / task
-        candidates_written[task] = _write_candidates(task_dir, pool, rng)
-        frame = selected[task]
-        qrels = frame.select(
-            "query_id", pl.col("positive_id").alias("candidate_id"), relevance=pl.lit(1, pl.Int32)
-        )
-        qrels = _relevant_members(qrels, groups, pool_set)
-        _write_qrels(task_dir, qrels)
-        counts[task] = {"queries": frame.height, "candidates": len(pool), "qrels": qrels.height}
-        _write_json(
-            task_dir / "task.json",
-            {
-                "task": task,
-                "kind": "retrieval",
-                "query_modality": QUERY_TASKS[task],
-                "candidate_modality": "mm",
-                "candidate_source": "products",
-                **counts[task],
-            },
-        )
+        chosen = selected[task]
+        _write_candidates(task_dir, chosen.pool, rng)
+        _write_qrels(task_dir, chosen.qrels)
+        counts[task] = {
+            "queries": chosen.queries.height,
+            "candidates": len(chosen.pool),
+            "qrels": chosen.qrels.height,
+        }
+        if QUERY_TASKS[task][1] != "mm":  # only t2i / i2t can leave products out
+            counts[task]["products_left_out"] = len(pools["mm"]) - len(chosen.pool)
+            counts[task]["queries_left_out"] = chosen.queries_left_out
+        spec = _retrieval_spec(task, QUERY_TASKS[task], "test queries", counts[task])
+        _write_json(task_dir / "task.json", spec)
     return counts
 
 
-def _build_cross_modal_tasks(
+def _build_own_pair_tasks(
     out: Path,
     config: BenchConfig,
     light: pl.DataFrame,
+    pools: dict[str, list[str]],
     groups: pl.DataFrame,
     skipped: dict[str, str],
     rng: np.random.Generator,
 ) -> dict[str, dict[str, int]]:
-    """t2i: a product's title finds its image; i2t: its main image finds its title."""
+    """title2image: a product's title finds its main image; image2title: its main image finds
+    its title (the query id is the product id). Not MBE2.0's t2i / i2t, which use queries."""
     counts: dict[str, dict[str, int]] = {}
     both = light.filter(pl.col("has_title") & pl.col("has_image"))["product_id"].to_list()
-    specs = {
-        "t2i": ("text", "image", light.filter(pl.col("has_image"))["product_id"].to_list()),
-        "i2t": ("image", "text", light.filter(pl.col("has_title"))["product_id"].to_list()),
-    }
-    for task, (query_modality, candidate_modality, pool) in specs.items():
+    for task, (query_modality, candidate_modality) in OWN_PAIR_TASKS.items():
         if task not in config.tasks.tasks:
             continue
+        pool = pools[candidate_modality]
         if len(both) < config.tasks.min_items:
             skipped[task] = (
                 f"only {len(both)} test products have both a title and an image "
@@ -736,17 +820,9 @@ def _build_cross_modal_tasks(
         qrels = _relevant_members(qrels, groups, set(pool))
         _write_qrels(task_dir, qrels)
         counts[task] = {"queries": len(both), "candidates": len(pool), "qrels": qrels.height}
-        _write_json(
-            task_dir / "task.json",
-            {
-                "task": task,
-                "kind": "retrieval",
-                "query_modality": query_modality,
-                "candidate_modality": candidate_modality,
-                "candidate_source": "products",
-                **counts[task],
-            },
-        )
+        source = "test products (own title / main image)"
+        spec = _retrieval_spec(task, (query_modality, candidate_modality), source, counts[task])
+        _write_json(task_dir / "task.json", spec)
     return counts
 
 
@@ -918,11 +994,11 @@ def _build(catalog: Path, out: Path, config: BenchConfig) -> BenchResult:
         skipped.update({task: "the test split is empty" for task in config.tasks.tasks})
     else:
         light = _test_products_light(out)
-        pool = light["product_id"].to_list()
+        pools = _candidate_pools(light)
         task_counts.update(
-            _build_query_tasks(out, config, test_queries, pool, groups, skipped, rng)
+            _build_query_tasks(out, config, test_queries, pools, groups, skipped, rng)
         )
-        task_counts.update(_build_cross_modal_tasks(out, config, light, groups, skipped, rng))
+        task_counts.update(_build_own_pair_tasks(out, config, light, pools, groups, skipped, rng))
         if "cls" in config.tasks.tasks and (cls := _build_cls(out, config, light, skipped)):
             task_counts["cls"] = cls
         if "attr" in config.tasks.tasks and (attr := _build_attr(out, config, light, skipped)):

@@ -1,14 +1,22 @@
 """``moon2 eval``: run any encoder on a ``moon2 build-bench`` benchmark, zero-shot.
 
 Embeddings are computed once per (table, modality) and shared between tasks: the test
-products' multimodal embeddings serve t2mm, i2mm, mm2mm, cls and attr. Retrieval is exact
+products' multimodal embeddings serve t2mm, i2mm, mm2mm, cls and attr, their main-image
+embeddings t2i and title2image, their title embeddings i2t and image2title. Retrieval is exact
 top-``depth`` by chunked matrix products (``moon2.bench.retrieval``), never a full
 queries x candidates matrix; ties go to the earlier position in the task's (shuffled)
 candidate list. Classification and attribute prediction pick the nearest label-text
 embedding.
 
 Writes ``OUT/results.json`` (task -> metric -> value, plus model, bench manifest hash, time),
-``OUT/results.md`` and ``OUT/runs/<task>.trec``.
+``OUT/results.md``, ``OUT/runs/<task>.trec`` and ``OUT/per_query/<task>.parquet``: the rows
+each mean in results.json averages (:func:`per_query_ids` names their id columns):
+
+- retrieval: ``query_id``, ``rank`` (1-based rank of the first relevant candidate, null
+  beyond the searched depth) and one float column per metric (``R@1`` ... ``mAP``);
+- cls and attr: the item's id (``product_id``; attr adds the attribute ``key``), ``gold``,
+  ``predicted`` and ``correct`` (bool; its mean is ``acc``; the macro metrics are not means
+  over items and have no column).
 """
 
 from __future__ import annotations
@@ -25,19 +33,21 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moon2 import progress
-from moon2.bench.config import ALL_TASKS, RETRIEVAL_TASKS, EvalConfig
+from moon2.bench.config import ALL_TASKS, RETRIEVAL_TASKS, TASK_NOTE, EvalConfig
 from moon2.bench.metrics import (
     classification_metrics,
+    first_relevant_rank,
     retrieval_metrics,
     trec_id,
     write_trec_run,
 )
 from moon2.bench.retrieval import topk_search
 from moon2.data.images import decode_image
-from moon2.data.io import iter_batches
+from moon2.data.io import iter_batches, write_table
 from moon2.data.outdir import claim_output
 from moon2.data.schema import PRODUCTS
 from moon2.errors import ImageDecodeError, InputError
@@ -53,7 +63,23 @@ HEADLINE = {
     "i2t": "R@10",
     "cls": "acc",
     "attr": "acc",
+    "title2image": "R@10",
+    "image2title": "R@10",
 }
+OWN_PAIR_NOTE = (
+    "this benchmark was built before t2i / i2t used the query log: here a product's own title "
+    "finds its main image and back (what title2image / image2title measure now); rebuild it "
+    "with moon2 build-bench for the paper's task"
+)
+# OUT/per_query/<task>.parquet: the columns naming a row (a query, or a labelled item) ...
+LABEL_ID_COLUMNS = {"cls": ("product_id",), "attr": ("product_id", "key")}
+# ... and the column whose mean is a results.json metric, where it is not named after it
+PER_QUERY_COLUMN = {"acc": "correct"}
+
+
+def per_query_ids(task: str) -> tuple[str, ...]:
+    """The id columns of ``OUT/per_query/<task>.parquet`` (``query_id`` for retrieval)."""
+    return LABEL_ID_COLUMNS.get(task, ("query_id",))
 
 
 @dataclass
@@ -189,7 +215,7 @@ def _retrieval_task(
     images: _Images,
     out: Path,
     run_name: str,
-) -> tuple[dict[str, float], dict[str, Any]]:
+) -> tuple[dict[str, float], dict[str, Any], pa.Table]:
     spec = json.loads((task_dir / "task.json").read_text())
     candidates = pq.read_table(task_dir / "candidates.parquet").sort_by("position")
     candidate_ids = candidates.column("candidate_id").to_pylist()
@@ -224,7 +250,9 @@ def _retrieval_task(
             on_progress=advance,
         )
     kept_ids = [q for q, k in zip(query_ids, keep, strict=True) if k]
-    metrics = retrieval_metrics(ranked, [relevant[q] for q in kept_ids])
+    kept_relevant = [relevant[q] for q in kept_ids]
+    per_query = retrieval_metrics(ranked, kept_relevant, per_query=True)
+    metrics = {name: float(values.mean()) for name, values in per_query.items()}
     write_trec_run(
         out / "runs" / f"{task}.trec",
         [trec_id(q) for q in kept_ids],
@@ -242,7 +270,24 @@ def _retrieval_task(
         "candidate_modality": spec["candidate_modality"],
         "chance_R@10": round(_chance_recall(counts, len(candidate_ids), 10), 6),
     }
-    return metrics, details
+    if task in ("t2i", "i2t") and "query_source" not in spec:  # built before the paper's t2i
+        details["note"] = OWN_PAIR_NOTE
+        progress.warn(f"{task}: {OWN_PAIR_NOTE}")
+    ranks = first_relevant_rank(ranked, kept_relevant)
+    return metrics, details, _retrieval_rows(kept_ids, ranks, per_query)
+
+
+def _retrieval_rows(
+    query_ids: list[str], ranks: np.ndarray, per_query: dict[str, np.ndarray]
+) -> pa.Table:
+    """One row per query: its id, the rank of its first relevant candidate (null beyond the
+    searched depth) and every results.json metric of the query alone (they average to it)."""
+    columns = {
+        "query_id": pa.array(query_ids, pa.string()),
+        "rank": pa.array(ranks, pa.int64(), mask=ranks == 0),
+    }
+    columns.update({name: pa.array(values, pa.float64()) for name, values in per_query.items()})
+    return pa.table(columns)
 
 
 def _nearest(embeddings: np.ndarray, label_emb: np.ndarray) -> np.ndarray:
@@ -256,9 +301,23 @@ def _text_embeddings(encoder: Encoder, texts: list[str], config: EvalConfig) -> 
     )
 
 
+def _label_rows(ids: pl.DataFrame, gold: list[str], predicted: list[str]) -> pa.Table:
+    """One row per labelled item: its id columns, the gold and predicted label, and whether
+    they agree (``correct``: its mean is the task's ``acc``)."""
+    correct = [g == p for g, p in zip(gold, predicted, strict=True)]
+    return pa.table(
+        {
+            **{name: pa.array(ids[name].to_list(), pa.string()) for name in ids.columns},
+            "gold": pa.array(gold, pa.string()),
+            "predicted": pa.array(predicted, pa.string()),
+            "correct": pa.array(correct, pa.bool_()),
+        }
+    )
+
+
 def _cls_task(
     task_dir: Path, encoder: Encoder, products: _ProductEmbeddings, config: EvalConfig
-) -> tuple[dict[str, float], dict[str, Any]]:
+) -> tuple[dict[str, float], dict[str, Any], pa.Table]:
     spec = json.loads((task_dir / "task.json").read_text())
     labels = pl.read_parquet(task_dir / "labels.parquet")
     label_names: list[str] = spec["labels"]
@@ -274,17 +333,19 @@ def _cls_task(
         "chance_acc": round(1 / len(label_names), 6),
         "label_template": config.label_template,
     }
-    return metrics, details
+    ids = labels.select(per_query_ids("cls"))
+    return metrics, details, _label_rows(ids, labels["label"].to_list(), y_pred)
 
 
 def _attr_task(
     task_dir: Path, encoder: Encoder, products: _ProductEmbeddings, config: EvalConfig
-) -> tuple[dict[str, float], dict[str, Any]]:
+) -> tuple[dict[str, float], dict[str, Any], pa.Table]:
     spec = json.loads((task_dir / "task.json").read_text())
     labels = pl.read_parquet(task_dir / "labels.parquet")
     mm = products.get("mm")
     correct = 0
     per_key: dict[str, dict[str, float]] = {}
+    items: list[pa.Table] = []  # per (product, attribute key) pair
     chance = []
     for key, values in spec["keys"].items():
         subset = labels.filter(pl.col("key") == key)
@@ -297,6 +358,7 @@ def _attr_task(
         y_true = subset["value"].to_list()
         per_key[key] = classification_metrics(y_true, y_pred, labels=values)
         correct += sum(t == p for t, p in zip(y_true, y_pred, strict=True))
+        items.append(_label_rows(subset.select(per_query_ids("attr")), y_true, y_pred))
         chance.append((subset.height, 1 / len(values)))
     if not per_key:
         raise InputError(f"{task_dir}: no attribute labels")
@@ -313,7 +375,7 @@ def _attr_task(
         "chance_acc": round(sum(n * c for n, c in chance) / total, 6),
         "attr_template": config.attr_template,
     }
-    return metrics, details
+    return metrics, details, pa.concat_tables(items)
 
 
 TASK_FILES = {
@@ -420,7 +482,7 @@ def manifest_hash(bench: Path) -> str:
 
 
 # what eval writes directly in OUT (a re-run deletes these, and only in its own folder)
-OUTPUTS = ("runs", "eval_config.yaml", "results.json", "results.md")
+OUTPUTS = ("runs", "per_query", "eval_config.yaml", "results.json", "results.md")
 
 
 def evaluate(
@@ -471,13 +533,14 @@ def _evaluate(
     for task in runnable:
         task_dir = bench / "test" / "tasks" / task
         if task in RETRIEVAL_TASKS:
-            metrics, info = _retrieval_task(
+            metrics, info, rows = _retrieval_task(
                 task, task_dir, encoder, products, config, images, out, encoder.name
             )
         elif task == "cls":
-            metrics, info = _cls_task(task_dir, encoder, products, config)
+            metrics, info, rows = _cls_task(task_dir, encoder, products, config)
         else:
-            metrics, info = _attr_task(task_dir, encoder, products, config)
+            metrics, info, rows = _attr_task(task_dir, encoder, products, config)
+        write_table(rows, out / "per_query" / f"{task}.parquet")
         results[task] = {k: round(float(v), 6) for k, v in metrics.items()}
         details[task] = info
     for task, reason in skipped.items():
@@ -530,9 +593,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "Values in %. Chance level of the same tables: "
         + ", ".join(f"{t} {_pct(_chance(results['details'][t]))}" for t in tasks)
-        + ".",
+        + ". "
+        + TASK_NOTE,
         "",
     ]
+    for t in tasks:
+        if note := results["details"][t].get("note"):
+            lines += [f"Note on {t}: {note}.", ""]
     retrieval = [t for t in tasks if t in RETRIEVAL_TASKS]
     if retrieval:
         lines += [

@@ -168,6 +168,22 @@ def retrieval_metrics(
     return {name: float(values.mean()) for name, values in out.items()}
 
 
+def first_relevant_rank(ranked: np.ndarray, relevant: Sequence[Relevance]) -> np.ndarray:
+    """The 1-based rank of each query's first relevant candidate in ``ranked``, 0 when none
+    is within the ranked depth (``ranked`` and ``relevant`` as for :func:`retrieval_metrics`).
+    """
+    ranked = _check_ranked(ranked)
+    n, depth = ranked.shape
+    if n == 0 or depth == 0:
+        return np.zeros(n, dtype=np.int64)
+    if len(relevant) != n:
+        raise ValueError(f"ranked has {n} rows but relevant has {len(relevant)} entries")
+    query, candidate, grade = _relevance_arrays(relevant, n)
+    n_relevant = np.bincount(query, minlength=n)
+    hits = _ranked_grades(ranked, query, candidate, grade, n_relevant) > 0
+    return np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0).astype(np.int64)
+
+
 def _position_in_group(sizes: np.ndarray) -> np.ndarray:
     """0, 1, ..., size - 1 for each group, concatenated: [2, 3] -> [0, 1, 0, 1, 2]."""
     return np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)

@@ -11,8 +11,8 @@ or of a train run alone still builds and says what it could not show:
    with the injected noise overlaid and the cut marked, and the training-time margins of the
    last epoch (run/scores) with the noisy queries overlaid;
 5. ``augmentation``: original vs augmented titles and images of a few products;
-6. ``retrieval``: a few t2mm / i2mm / mm2mm queries with their top 5, the correct product
-   marked, chosen deterministically (sorted query ids, hits and misses alternating).
+6. ``retrieval``: a few t2mm / i2mm / mm2mm / t2i / i2t queries with their top 5, the correct
+   product marked, chosen deterministically (sorted query ids, hits and misses alternating).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import polars as pl
 import pyarrow as pa
 
 from moon2 import progress
-from moon2.bench.config import ALL_TASKS, RETRIEVAL_TASKS
+from moon2.bench.config import ALL_TASKS, RETRIEVAL_TASKS, TASK_NOTE
 from moon2.data.io import atomic_path
 from moon2.data.outdir import check_no_overlap, claim_output
 from moon2.report import collect, plots
@@ -147,6 +147,18 @@ def _train_facts(layout: Layout) -> Html:
     return join([tag("h3", "Training run"), table(["", "value"], rows)])
 
 
+def _retrieval_notes(tasks: list[str], details: dict[str, Any]) -> list[str]:
+    """What the cross-modal tasks are (when shown), and eval's note on any task (e.g. a t2i of
+    a benchmark built before t2i used the query log)."""
+    cross_modal = ("t2i", "i2t", "title2image", "image2title")
+    notes = [TASK_NOTE] if any(t in cross_modal for t in tasks) else []
+    for task in tasks:
+        info = details.get(task)
+        if isinstance(info, dict) and info.get("note"):
+            notes.append(f"{task}: {info['note']}.")
+    return notes
+
+
 def _metrics_section(layout: Layout) -> Section:
     facts = _train_facts(layout)
     if layout.eval is None:
@@ -187,6 +199,8 @@ def _metrics_section(layout: Layout) -> Section:
                 row.append(_num(info.get(count_key)))
             rows.append(row)
         parts += [tag("h3", kind), table(header, rows)]
+        if kind == "Retrieval":
+            parts += [note(text) for text in _retrieval_notes(chosen, details)]
     skipped = results.get("skipped")
     if isinstance(skipped, dict) and skipped:
         parts.append(tag("h3", "Skipped tasks"))

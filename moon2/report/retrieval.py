@@ -1,9 +1,12 @@
 """Section 6 of the report: retrieval examples from an eval run file and its benchmark task.
 
-For t2mm, i2mm and mm2mm: a few queries (the first query ids in sorted order, a hit and a miss
-in turn), each with its top 5 (rank, score, main image, title) and the correct products of
-the qrels marked; a miss also shows the correct product and the rank the model gave it. The
+For the tasks with queries from the query log (t2mm, i2mm, mm2mm, t2i, i2t): a few queries
+(the first query ids in sorted order, a hit and a miss in turn), each with its top 5 (rank,
+score, main image, title) and the correct products of the qrels marked; a miss also shows the
+correct product and the rank the model gave it. A t2i candidate was embedded from its main
+image only and an i2t candidate from its title only; the card shows both all the same. The
 run file is streamed and only the shown queries and products are read from the benchmark.
+title2image / image2title (a product against itself) have no examples.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from moon2.report import collect
 from moon2.report.collect import Layout
 from moon2.report.html import Html, Section, join, note, tag, thumb, unavailable
 
-QUERY_TASKS = ("t2mm", "i2mm", "mm2mm")
+QUERY_TASKS = ("t2mm", "i2mm", "mm2mm", "t2i", "i2t")
+# what a task's candidates were embedded from, where it is not the whole product
+CANDIDATE_SEEN = {"t2i": "main image only", "i2t": "title only"}
 TOP = 5
 QUERY_POOL = 400
 """Sorted query ids a task's examples are chosen from: enough for hits and misses, few enough
@@ -285,7 +290,7 @@ def _query_block(
 
 
 def retrieval_section(layout: Layout, examples: int) -> Section:
-    """Section 6: ``ceil(examples / 2)`` queries of each of t2mm, i2mm and mm2mm."""
+    """Section 6: ``ceil(examples / 2)`` queries of each of t2mm, i2mm, mm2mm, t2i and i2t."""
     if layout.eval is None:
         return unavailable("no eval results found (no eval/ folder; pass eval_dir)")
     if layout.bench is None:
@@ -311,12 +316,15 @@ def retrieval_section(layout: Layout, examples: int) -> Section:
         if not isinstance(result, Html):  # a plain str: why the task has no examples
             problems.append(f"{task}: {result}")
             continue
-        parts += [tag("h3", task), result]
+        parts.append(tag("h3", task))
+        if task in CANDIDATE_SEEN:
+            parts.append(note(f"The model saw each candidate's {CANDIDATE_SEEN[task]}."))
+        parts.append(result)
         shown += 1
     if problems:
         parts.append(note("Not shown: " + "; ".join(problems)))
     if not shown:
         return unavailable(
-            "no t2mm / i2mm / mm2mm run with its benchmark task: " + "; ".join(problems)
+            f"no {' / '.join(QUERY_TASKS)} run with its benchmark task: " + "; ".join(problems)
         )
     return Section(join(parts))

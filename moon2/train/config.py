@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from moon2.config import Config
+from moon2.errors import ConfigError
 
 OBJECTIVES: tuple[str, ...] = ("t2mm", "i2mm", "mm2mm", "intra")
 """Training objectives: three inter-product query views and the intra-product alignment."""
@@ -270,8 +272,10 @@ class FilterConfig(Config):
     enabled: bool = Field(True, description="false: 'w/o dynamic filtering' (scores still kept).")
     policy: Literal["margin_weighting", "loss_prune", "none"] = Field(
         "margin_weighting",
-        description="margin_weighting: phi < tau down-weighted (paper); loss_prune: after the "
-        "warm-up, the highest-loss fraction is dropped for the next epoch and re-scored; none.",
+        description="margin_weighting: after the warm-up, phi < tau down-weighted (paper); "
+        "loss_prune: after the warm-up, the highest-loss fraction is dropped for the next epoch "
+        "and re-scored (in the epoch where the warm-up ends, samples whose loss is above that "
+        "fraction of the epoch's warm-up part get weight 0, so a 1-epoch run prunes too); none.",
     )
     kappa: float = Field(10.0, gt=0, description="Sharpness of phi = sigmoid(kappa (m - m_bar)).")
     tau: float = Field(0.6, gt=0, lt=1, description="Reliability threshold.")
@@ -281,7 +285,27 @@ class FilterConfig(Config):
         "phi", description="Weight of an unreliable triplet: its phi, or zero."
     )
     prune_fraction: float = Field(0.1, ge=0, lt=1, description="loss_prune: share dropped.")
-    warmup_epochs: int = Field(2, ge=0, description="Epochs before any filtering applies.")
+    warmup: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Share of the run's optimizer updates (0-1, of min(epochs x updates per "
+        "epoch, max_steps)) before the filter acts: 0.2 = from the first update after 20% of "
+        "the run, whatever its length (1: never acts). Replaces warmup_epochs.",
+    )
+
+    def first_update(self, total_updates: int) -> int:
+        """The first update (0-based) at which the filter acts in a run of ``total_updates``
+        (``total_updates`` or more: never)."""
+        return math.ceil((self.warmup - WARMUP_EPS) * total_updates)
+
+    def active(self, progress: float) -> bool:
+        """Whether the warm-up is over at training progress ``update / total_updates``."""
+        return progress >= self.warmup - WARMUP_EPS
+
+
+WARMUP_EPS = 1e-9
+"""Slack so that 0.3 x 10 updates is 3 (not 4) in float arithmetic."""
 
 
 class OptimConfig(Config):
@@ -295,6 +319,13 @@ class OptimConfig(Config):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of updates spent warming up.")
     clip_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clipping.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many updates.")
+
+    def planned_updates(self, queries: int, world: int = 1) -> int:
+        """Optimizer updates of a run on ``queries`` usable training queries and ``world``
+        processes: whole global batches per epoch, times epochs, capped by max_steps."""
+        steps_per_epoch = queries // (self.batch_size * world)
+        total = max(1, steps_per_epoch // self.grad_accum) * self.epochs
+        return min(total, self.max_steps) if self.max_steps else total
 
 
 class CheckpointConfig(Config):
@@ -317,3 +348,23 @@ class TrainConfig(Config):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log_every: int = Field(10, ge=1, description="Write metrics.jsonl every N updates.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_warmup_epochs(cls, data: Any) -> Any:
+        """filter.warmup_epochs (before issue #22) meant a count of epochs, which a shorter
+        run (--epochs, --max-steps) silently never reached: refused with its replacement."""
+        section = data.get("filter") if isinstance(data, dict) else None
+        if not isinstance(section, dict) or "warmup_epochs" not in section:
+            return data
+        value = section["warmup_epochs"]
+        optim = data.get("optim")
+        epochs = optim.get("epochs") if isinstance(optim, dict) else None
+        epochs = OptimConfig().epochs if epochs is None else epochs
+        hint = "e.g. 'warmup: 0.2'"
+        if isinstance(value, (int, float)) and isinstance(epochs, int) and epochs > 0:
+            hint = f"'warmup: {min(1.0, value / epochs):.2f}' for {value} of {epochs} epochs"
+        raise ConfigError(
+            "filter.warmup_epochs is replaced by filter.warmup, the share of the run's updates "
+            f"before the filter acts (0-1): write {hint}"
+        )

@@ -239,6 +239,7 @@ class TripletDataset(torch.utils.data.Dataset):
             text = f"{title}\n{record['aug_title']}".strip()
         images, failed = self._decode_cells(record, "images", self.config.max_images)
         first = images[0] if images else None
+        extra: list[Any] = []
         if self.has_aug_images and self.config.max_aug_images:
             extra, more = self._decode_cells(record, "aug_images", self.config.max_aug_images)
             images += extra
@@ -255,6 +256,8 @@ class TripletDataset(torch.utils.data.Dataset):
             "main_image": None if first is None else first[1],
             "intra_image": None if intra is None else intra[1],
             "images_failed": failed,
+            "aug_title": text != title,
+            "aug_images": len(extra),
         }
 
     def _decode(self, key: tuple[Any, ...], cell: Any) -> Any:
@@ -403,6 +406,10 @@ class Batch:
     images_failed: int
     catalog_rows: list[int] = field(default_factory=list)
     """the samples (rows of ``positions``) with a catalog image query, in group order"""
+    aug_title_candidates: int = 0
+    """candidates whose input carries their aug_title"""
+    aug_image_candidates: int = 0
+    """candidates whose input carries at least one of their aug_images"""
 
     def to(self, device: torch.device) -> Batch:
         inputs = None if self.inputs is None else {k: v.to(device) for k, v in self.inputs.items()}
@@ -496,6 +503,8 @@ class Collator:
             rejected=rejected,
             images_failed=failed,
             catalog_rows=catalog_rows,
+            aug_title_candidates=sum(bool(p.get("aug_title")) for p in products.values()),
+            aug_image_candidates=sum(p.get("aug_images", 0) > 0 for p in products.values()),
         )
 
 

@@ -38,6 +38,10 @@ class StepOutput:
     margin: torch.Tensor | None = None
     phi: torch.Tensor | None = None
     weight: torch.Tensor | None = None
+    intra_ran: bool = False
+    """the step had a non-zero intra-product term"""
+    routed: bool = False
+    """the backbone's MoE layers routed the step's tokens"""
 
 
 def _world() -> tuple[int, int]:
@@ -144,7 +148,7 @@ class Objective(nn.Module):
             )
         sample_loss = loss_sum / count.clamp_min(1)
         margin = margin_sum / count.clamp_min(1)
-        phi, weight = policy.weights(margin, progress, epoch)
+        phi, weight = policy.weights(margin, progress, sample_loss)
 
         intra_loss = None
         if self.config.loss.intra and "intra_image" in encoded:
@@ -199,6 +203,8 @@ class Objective(nn.Module):
             margin=margin.detach(),
             phi=phi,
             weight=weight,
+            intra_ran=parts.get("loss_intra", 0.0) != 0.0,
+            routed=bool(everything.routings),
         )
 
     def _inter(

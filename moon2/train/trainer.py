@@ -10,7 +10,11 @@ Outputs under OUT::
     final/                       the trained model (moon2.load_model / moon2 eval / moon2 embed)
     filter_report.json           noise detection of the dynamic filter (when truth_* exists)
     _rejects/queries/            queries that could not be trained on, with the reason
-    train_summary.json
+    train_summary.json           counts, timings and ``mechanisms``: what each switch of the
+                                 ablation grid did (filter: samples down-weighted / pruned per
+                                 epoch; intra loss and MoE: forward passes they ran in; co-
+                                 augmentation: candidates that carried aug_*), summed over
+                                 processes
 
 The process group comes from the environment (torchrun) or from Ray Train; gloo on CPU, NCCL
 on GPU. Rank 0 writes every file; all ranks compute the same filter decisions from the
@@ -26,7 +30,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +83,47 @@ class TrainResult:
     epochs: int
     seconds: float
     summary: dict[str, Any]
+
+
+@dataclass
+class Mechanisms:
+    """What the switchable mechanisms did, counted by each process over its training forward
+    passes; :meth:`summed` adds up every process's (checkpoints and train_summary.json keep
+    the run's totals). The dynamic filter's effect is read from the score tables instead."""
+
+    steps: int = 0
+    """training forward passes"""
+    intra_steps: int = 0
+    """... with a non-zero intra-product term"""
+    moe_steps: int = 0
+    """... in which MoE layers routed tokens"""
+    candidates: int = 0
+    """candidate inputs encoded (each step's distinct products)"""
+    aug_title_candidates: int = 0
+    """... that carried their aug_title"""
+    aug_image_candidates: int = 0
+    """... that carried at least one of their aug_images"""
+
+    def add(self, batch: Batch, result: Any) -> None:
+        self.steps += 1
+        self.intra_steps += int(result.intra_ran)
+        self.moe_steps += int(result.routed)
+        self.candidates += len(batch.candidate_ids)
+        self.aug_title_candidates += batch.aug_title_candidates
+        self.aug_image_candidates += batch.aug_image_candidates
+
+    def __add__(self, other: Mechanisms) -> Mechanisms:
+        return Mechanisms(**{k: v + getattr(other, k) for k, v in self.as_dict().items()})
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def summed(self) -> Mechanisms:
+        """The totals over every process (a collective: every rank calls it)."""
+        total = Mechanisms()
+        for part in _gather_objects(self):
+            total = total + part
+        return total
 
 
 # --- process setup ----------------------------------------------------------------------
@@ -331,14 +376,13 @@ def _train(
         )
     parameters = [p for p in objective.parameters() if p.requires_grad]
     optimizer = make_optimizer(parameters, config.optim, device)
-    steps_per_epoch = len(index.query_rows) // (config.optim.batch_size * world)
-    updates_per_epoch = max(1, steps_per_epoch // config.optim.grad_accum)
-    total_updates = updates_per_epoch * config.optim.epochs
-    if config.optim.max_steps:
-        total_updates = min(total_updates, config.optim.max_steps)
+    total_updates = config.optim.planned_updates(len(index.query_rows), world)
     warmup = int(config.optim.warmup_ratio * total_updates)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, total_updates))
     policy = FilterPolicy(config.filter)
+    if is_main:
+        _warn_idle_filter(policy, total_updates)
+    counters = Mechanisms()
 
     start_epoch, skip_batches, update = 0, 0, 0
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
@@ -346,6 +390,8 @@ def _train(
         state = load_checkpoint(checkpoint, objective, optimizer, scheduler, device)
         start_epoch, skip_batches, update = state["epoch"], state["batch"], state["update"]
         policy.load_state_dict(state["filter"])
+        if is_main:  # the run's totals so far; the other ranks count from here on
+            counters = Mechanisms(**state.get("mechanisms", {}))
         if is_main:
             progress.info(f"resuming from {checkpoint.name} (epoch {start_epoch}, update {update})")
     collator = Collator(
@@ -389,16 +435,19 @@ def _train(
             sampler.batches = [[(epoch, p) for p in batch] for batch in batches[first:]]
             wrapped.train()
             for batch_index, batch in enumerate(loader, start=first):
+                fraction = update / max(1, total_updates)
+                if policy.wants_cut(fraction):  # the same batch on every rank
+                    policy.set_cut(_epoch_losses(scores))
                 for query_id, reason in batch.rejected:
                     runtime_rejects.setdefault(query_id, reason)
                 if not batch.positions:
                     continue
                 batch = batch.to(device)
-                fraction = update / max(1, total_updates)
                 with _autocast(device, config.model.dtype):
                     result = wrapped(batch, fraction, epoch, policy)
                 (result.loss / config.optim.grad_accum).backward()
                 scores.append(_score_rows(result, dataset, epoch, kept=True))
+                counters.add(batch, result)
                 seen_samples += len(batch.positions)
                 window_samples += len(batch.positions) * world
                 if (batch_index + 1) % config.optim.grad_accum:
@@ -423,6 +472,7 @@ def _train(
                     window_start, window_samples = time.perf_counter(), 0
                 if update % config.checkpoint.every_steps == 0 and update < total_updates:
                     _save_partial_scores(out, epoch, scores, is_main)
+                    totals = counters.summed()
                     if is_main:
                         save_checkpoint(
                             out / "checkpoints",
@@ -435,6 +485,7 @@ def _train(
                                 "batch": batch_index + 1,
                                 "update": update,
                                 "filter": policy.state_dict(),
+                                "mechanisms": totals.as_dict(),
                             },
                             config.checkpoint.keep,
                             plan,
@@ -457,10 +508,11 @@ def _train(
                 update / max(1, total_updates),
             )
             table = _finish_epoch(out, epoch, scores, is_main)
-            policy.end_epoch(table, epoch)
+            policy.end_epoch(table, update / max(1, total_updates))
             if done:
                 break
-            if is_main and update % config.checkpoint.every_steps != 0:
+            totals = counters.summed() if update % config.checkpoint.every_steps else None
+            if is_main and totals is not None:
                 save_checkpoint(
                     out / "checkpoints",
                     update,
@@ -472,6 +524,7 @@ def _train(
                         "batch": 0,
                         "update": update,
                         "filter": policy.state_dict(),
+                        "mechanisms": totals.as_dict(),
                     },
                     config.checkpoint.keep,
                     plan,
@@ -479,8 +532,10 @@ def _train(
             _barrier()
 
     all_rejects = {}
-    for part in _gather_objects(runtime_rejects):
-        all_rejects.update(part)
+    totals = Mechanisms()
+    for rejects, counted in _gather_objects((runtime_rejects, counters)):
+        all_rejects.update(rejects)
+        totals = totals + counted
     summary: dict[str, Any] = {}
     final = out / "final"
     if is_main:
@@ -501,6 +556,7 @@ def _train(
             "seconds": round(seconds, 1),
             "filter_policy": policy.name,
             "filter_report": report,
+            "mechanisms": _mechanisms(out, config, policy, totals, total_updates),
             "final": str(final),
         }
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -660,6 +716,64 @@ def _write_rejects(out: Path, queries: Any, index: Any, runtime: dict[str, str])
     table = table.append_column("reject_reason", pa.array([r for _, r in rows], pa.string()))
     with PartWriter(directory, rejects_schema(queries.table.schema)) as writer:
         writer.write(table)
+
+
+def _warn_idle_filter(policy: FilterPolicy, total_updates: int) -> None:
+    if policy.name != "none" and policy.config.first_update(total_updates) >= total_updates:
+        progress.warn(
+            f"the dynamic filter will not act: its warm-up (filter.warmup "
+            f"{policy.config.warmup}) covers all {total_updates} updates of this run"
+        )
+
+
+def _epoch_losses(scores: list[dict[str, list]]) -> list[float]:
+    """The losses of every process's samples of the epoch so far (a collective)."""
+    return [loss for part in _gather_objects(scores) for rows in part for loss in rows["loss"]]
+
+
+def _mechanisms(
+    out: Path, config: TrainConfig, policy: FilterPolicy, totals: Mechanisms, total_updates: int
+) -> dict[str, Any]:
+    """train_summary.json's ``mechanisms``: whether each switch of the ablation grid acted."""
+    aug = totals.aug_title_candidates + totals.aug_image_candidates
+    return {
+        "steps": totals.steps,
+        "dynamic_filter": {
+            "policy": policy.name,
+            "warmup": config.filter.warmup,
+            "first_update": config.filter.first_update(total_updates),
+            "updates": total_updates,
+            **_filter_effect(out),
+        },
+        "intra_loss": {"ran": totals.intra_steps > 0, "steps": totals.intra_steps},
+        "moe": {"ran": totals.moe_steps > 0, "steps": totals.moe_steps},
+        "co_augmentation": {
+            "ran": aug > 0,
+            "candidates": totals.candidates,
+            "with_aug_title": totals.aug_title_candidates,
+            "with_aug_images": totals.aug_image_candidates,
+        },
+    }
+
+
+def _filter_effect(out: Path) -> dict[str, Any]:
+    """What the dynamic filter did, from the epochs' score tables (every process's samples):
+    per epoch, the samples trained with a weight below 1 and those that sat the epoch out;
+    ``samples`` sums both over the epochs (0: it never acted)."""
+    per_epoch = {}
+    for path in sorted((out / "scores").glob("epoch-*.parquet")):
+        frame = pl.read_parquet(path, columns=["weight", "kept"])
+        per_epoch[path.stem] = {
+            "downweighted": frame.filter(pl.col("kept") & (pl.col("weight") < 1)).height,
+            "pruned": frame.filter(~pl.col("kept")).height,
+        }
+    counts = [v["downweighted"] + v["pruned"] for v in per_epoch.values()]
+    return {
+        "acted": any(counts),
+        "epochs": sum(1 for c in counts if c),
+        "samples": sum(counts),
+        "per_epoch": per_epoch,
+    }
 
 
 def _filter_report(out: Path, data: Path, config: TrainConfig) -> dict[str, Any] | None:

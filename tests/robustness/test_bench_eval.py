@@ -107,14 +107,17 @@ def test_null_optional_columns_on_the_test_side_build_every_task(tmp_path: Path)
         tmp_path / "bench.yaml",
         {
             "split": {"column": "official_split"},
-            "tasks": {"tasks": ["t2mm", "t2i", "i2t", "cls", "attr"], "min_items": 2},
+            "tasks": {
+                "tasks": ["t2mm", "t2i", "title2image", "image2title", "cls", "attr"],
+                "min_items": 2,
+            },
         },
     )
     bench = tmp_path / "out" / "bench"
     result = _run(["build-bench", str(catalog), str(bench), "--config", str(config)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((bench / "manifest.json").read_text())
-    assert set(manifest["tasks"]) == {"t2mm", "t2i", "i2t", "cls", "attr"}
+    assert set(manifest["tasks"]) == {"t2mm", "t2i", "title2image", "image2title", "cls", "attr"}
     test_ids = set(pq.read_table(bench / "test" / "products")["product_id"].to_pylist())
     assert {"no-desc", "no-attrs", "no-cat", "empty-cat"} <= test_ids
     labelled = set(pq.read_table(bench / "test" / "tasks" / "cls" / "labels.parquet")["product_id"])
