@@ -301,7 +301,7 @@ def render_markdown(
         ]
     lines += [
         "",
-        "The paper's table on MBE2.0 (Qwen2.5-VL-3B, 5.75 M training triplets), same columns "
+        "The paper's table on MBE2.0 (5.75 M training triplets), same columns "
         "(-: not a task of the paper):",
         "",
         "| model | " + " | ".join(tasks) + " |",

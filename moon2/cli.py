@@ -851,6 +851,15 @@ def eval_(
     device: Annotated[
         str | None, typer.Option(help="auto, cpu, cuda, cuda:N. [default: auto]")
     ] = None,
+    max_images: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Images per product given to the model (main image first). Default: for a "
+            "moon2 checkpoint, as many as it trained with (its moon2_model.json records "
+            "max_images), else 4; this option or max_images in --config overrides it.",
+        ),
+    ] = None,
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow hub model code to run (hf: models only).")
     ] = False,
@@ -871,6 +880,7 @@ def eval_(
         batch_size=batch_size,
         tasks=task_list,
         device=device,
+        max_images=max_images,
         trust_remote_code=trust_remote_code or None,
     )
     result = evaluate(model, bench, out_dir, cfg)
@@ -1002,7 +1012,14 @@ def embed(
     out_dir: Annotated[Path, typer.Argument(help="Output directory.", show_default=False)],
     batch_size: Annotated[int, typer.Option(help="Items per forward pass.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    max_images: Annotated[int, typer.Option(help="Images per product.")] = 4,
+    max_images: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Images per product. Default: for a moon2 model, as many as it trained with, "
+            "else 4.",
+        ),
+    ] = None,
 ) -> None:
     """Write product and query embeddings to Parquet (id, embedding: list<float32>)."""
     from moon2.bench.embed import embed_catalog

@@ -11,6 +11,7 @@ from PIL import Image
 
 from moon2.data.schema import PRODUCTS, QUERIES
 from moon2.train.config import TrainConfig
+from moon2.train.data import Batch
 
 
 def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 24) -> bytes:
@@ -92,3 +93,25 @@ def tiny_config(**sections: dict) -> TrainConfig:
 
 
 TRAINED_EPOCHS = 5
+
+
+def duplicate_pair_batch() -> Batch:
+    """A batch of 2 text queries and 3 candidates a, a2 (a duplicate listing of a: same
+    group 7) and b (group 9): query 0 buys a and is given a2 as a negative, query 1 buys b;
+    the intra loss aligns a, a2 and b. Rows: candidates 0-2, queries 3-4, intra images 5-7,
+    intra texts 8-10."""
+    return Batch(
+        positions=[0, 1],
+        query_ids=["q0", "q1"],
+        inputs=None,
+        groups={"candidates": (0, 3), "t2mm": (3, 5), "intra_image": (5, 8), "intra_text": (8, 11)},
+        view_rows={"t2mm": [0, 1]},
+        candidate_ids=["a", "a2", "b"],
+        positive_col=[0, 2],
+        negative_cols=[[1], [0]],
+        intra_ids=["a", "a2", "b"],
+        rejected=[],
+        images_failed=0,
+        candidate_dup_groups=[7, 7, 9],
+        intra_dup_groups=[7, 7, 9],
+    )

@@ -180,6 +180,37 @@ def test_vision_language_model_from_a_local_directory(bench: Path, tmp_path: Pat
     assert set(result.results["i2mm"]) == RETRIEVAL_KEYS
 
 
+class _CappedEncoder(Encoder):
+    """Reads at most ``max_images`` images of an item, as a moon2 checkpoint does (the number
+    it trained with); remembers the most it was given."""
+
+    name = "capped"
+
+    def __init__(self, max_images: int) -> None:
+        self.max_images = max_images
+        self.most = 0
+
+    @property
+    def dim(self) -> int:
+        return 4
+
+    def encode(self, items: Sequence[EncodeItem]) -> np.ndarray:
+        self.most = max(self.most, *(len(item.images) for item in items))
+        return np.tile(np.eye(4, dtype=np.float32)[0], (len(items), 1))
+
+
+def test_eval_gives_a_checkpoint_its_own_image_count_unless_the_user_chooses(
+    bench: Path, tmp_path: Path
+) -> None:
+    for requested, expected in ((None, 2), (3, 3)):  # the encoder's 2 beats the default 4
+        encoder = _CappedEncoder(max_images=2)
+        config = EvalConfig(device="cpu", tasks=["mm2mm"], max_images=requested)
+        evaluate(encoder, bench, tmp_path / f"eval-{requested}", config)
+        assert encoder.most == expected and encoder.max_images == expected
+        used = EvalConfig.from_yaml(tmp_path / f"eval-{requested}" / "eval_config.yaml")
+        assert used.max_images == expected
+
+
 def test_unbuilt_tasks_are_skipped_with_the_reason(tmp_path: Path, small_catalog: Path) -> None:
     build_bench(
         small_catalog,

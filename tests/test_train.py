@@ -34,6 +34,7 @@ from moon2.train.trainer import train
 from tests.factories import (
     TINY,
     TRAINED_EPOCHS,
+    duplicate_pair_batch,
     png_bytes,
     product_row,
     products_table,
@@ -452,6 +453,22 @@ def test_filter_policies() -> None:
     assert off.end_epoch(scores, 1.0) == set() and off.name == "none"
 
 
+def test_a_batch_whose_rows_are_all_below_tau_trains_at_less_than_full_strength() -> None:
+    """The filter's weights scale the view loss over the batch's rows (the objective's
+    weighted_mean): a batch of unreliable rows no longer renormalises itself back to 1."""
+    from moon2.train.losses import weighted_mean
+
+    policy = FilterPolicy(FilterConfig(kappa=10, tau=0.6, m_bar_start=0.0, warmup=0.0))
+    losses = torch.tensor([2.0, 2.0, 2.0, 2.0])
+    _, noisy = policy.weights(torch.tensor([-0.3, -0.2, -0.1, 0.0]), progress=0.0)
+    _, clean = policy.weights(torch.tensor([0.3, 0.2, 0.4, 0.5]), progress=0.0)
+    assert (noisy < 0.6).all() and torch.equal(clean, torch.ones(4))
+    assert weighted_mean(losses, noisy) == pytest.approx(2.0 * float(noisy.mean()))
+    assert weighted_mean(losses, noisy) < 0.6 * weighted_mean(losses, clean)
+    mixed = torch.tensor([1.0, 1.0, 0.0, 0.0])  # two rows dropped: the others keep their share
+    assert weighted_mean(torch.tensor([2.0, 2.0, 9.0, 9.0]), mixed) == pytest.approx(1.0)
+
+
 def test_loss_prune_cuts_inside_the_epoch_where_the_warm_up_ends() -> None:
     """No earlier epoch to decide from (a 1-epoch run): the warm-up part's losses set a cut."""
     prune = FilterPolicy(FilterConfig(policy="loss_prune", prune_fraction=0.25, warmup=0.5))
@@ -810,6 +827,88 @@ def test_ddp_two_cpu_processes(small_catalog: Path, tmp_path: Path) -> None:
     assert load_model(out / "final", device="cpu").encode(_items()).shape[0] == 3
 
 
+def test_every_rank_makes_the_same_rescoring_calls_on_at_least_two_samples() -> None:
+    from moon2.train.trainer import _rescore_calls, _rescore_samples
+
+    dropped, batch_size = list(range(0, 22, 2)), 4  # 11 dropped samples on 2 ranks: 6 + 5
+    counts = [len(dropped[rank::2]) for rank in range(2)]
+    assert _rescore_calls(counts, batch_size) == 2  # was 2 calls on rank 0, 1 on rank 1
+    assert _rescore_calls([0, 1], batch_size) == 1 and _rescore_calls([0, 0], batch_size) == 0
+    dataset = {p: {"position": p} for p in range(22)}
+    dataset[4] = {"position": 4, "rejected": "query_image: truncated"}  # unreadable
+    last = dropped[1::2][batch_size:]  # rank 1's second chunk: 1 sample
+    samples, real = _rescore_samples(dataset, last, dropped)
+    assert real == 1 and [s["position"] for s in samples] == [18, 0]  # padded, not a copy
+    samples, real = _rescore_samples(dataset, [], dropped)  # a rank with nothing left
+    assert real == 0 and [s["position"] for s in samples] == [0, 2]
+    samples, real = _rescore_samples(dataset, [2, 4], dropped)  # 4 cannot be read
+    assert real == 1 and [s["position"] for s in samples] == [2, 0]
+    samples, real = _rescore_samples(dataset, [8], [8])  # no other sample: a copy
+    assert real == 1 and [s["position"] for s in samples] == [8, 8]
+
+
+def _uneven_catalog(catalog: Path, queries: int, broken: set[int]) -> None:
+    """12 products and ``queries`` text queries; those at ``broken`` carry a query image whose
+    header reads but whose pixels do not decode (rejected when the sample is read)."""
+    (catalog / "products").mkdir(parents=True)
+    (catalog / "queries").mkdir()
+    products = [product_row(f"p{i}", title=f"product number {i}") for i in range(12)]
+    pq.write_table(products_table(products), catalog / "products" / "p.parquet")
+    truncated = {"bytes": png_bytes((9, 9, 9), 32)[:60], "path": None}
+    rows = [
+        query_row(f"q{i}", f"p{i % 12}", query_text=f"number {i % 12}")
+        | ({"query_image": truncated} if i in broken else {})
+        for i in range(queries)
+    ]
+    pq.write_table(queries_table(rows), catalog / "queries" / "q.parquet")
+
+
+def _run_torchrun(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run torchrun ``command``; on timeout fail, after SIGTERM has made torchrun stop its
+    workers (each in a session of its own, blocked in a collective when ranks hang)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    process = subprocess.Popen(command, env=env, **pipes)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # torchrun: SIGTERM to its workers, SIGKILL after 30 s
+        process.communicate(timeout=90)
+        pytest.fail(f"torchrun still running after {timeout} s: its ranks are out of step")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_ddp_ranks_stay_in_step_with_uneven_batches_and_odd_drops(tmp_path: Path) -> None:
+    """Every rank makes the same forward calls (each has collectives) when rank 1's first
+    batch is all unreadable samples, 3 dropped samples are re-scored on 2 ranks (2 + 1,
+    batch 4) and epoch 1's 25 kept samples leave a remainder of 1 (one global batch is 8)."""
+    from moon2.train.trainer import _epoch_batches
+
+    size, batch_size = 28, 4
+    broken = set(_epoch_batches(size, 0, 0, set(), batch_size, rank=1, world=2)[0])
+    catalog = tmp_path / "catalog"
+    _uneven_catalog(catalog, size, broken)
+    config = tiny_config(
+        optim={"epochs": 2, "batch_size": batch_size},
+        filter={"policy": "loss_prune", "prune_fraction": 0.2, "warmup": 0.0},
+    )
+    config_path = tmp_path / "tiny.yaml"
+    config.to_yaml(config_path)
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--standalone", *_train_command(catalog, out, config_path)[1:]]
+    result = _run_torchrun(command, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = pl.read_parquet(out / "scores" / "epoch-000.parquet")
+    # step 0 ran on neither rank (rank 1 had nothing to train on): 2 steps x 8 samples
+    assert first.height == 16 and not set(first["position"]) & broken
+    second = pl.read_parquet(out / "scores" / "epoch-001.parquet")
+    dropped = second.filter(~pl.col("kept"))
+    assert dropped.height == round(0.2 * first.height) == 3  # odd: split 2 + 1 over ranks
+    assert dropped["position"].is_unique().all()  # the padding's results were discarded
+    assert len(pq.read_table(out / "_rejects" / "queries")) == len(broken)
+
+
 @pytest.mark.slow
 def test_ray_train_local_two_workers(small_catalog: Path, tmp_path: Path) -> None:
     from moon2.train.launch import train_on_ray
@@ -1020,6 +1119,168 @@ def test_catalog_queries_join_the_i2mm_loss_but_not_the_filter_scores(
     torch.testing.assert_close(a.margin, b.margin)
     assert a.parts["loss_i2mm"] != pytest.approx(b.parts["loss_i2mm"])
     assert a.parts["loss_t2mm"] == pytest.approx(b.parts["loss_t2mm"])
+
+
+def _products_store(path: Path, rows: list[dict]):
+    """An ArrowStore (memory-mapped IPC file) of contract product rows."""
+    import pyarrow.ipc as ipc
+
+    from moon2.train.data import ArrowStore
+
+    table = products_table(rows)
+    with ipc.new_file(str(path), table.schema) as writer:
+        writer.write_table(table)
+    return ArrowStore(path)
+
+
+def test_duplicate_groups_follow_build_benchs_rule(tmp_path: Path) -> None:
+    from moon2.train.data import prepare_duplicate_groups, product_duplicate_groups
+
+    shared = {"bytes": png_bytes((1, 2, 3)), "path": None}
+    placeholder = {"bytes": png_bytes((250, 250, 250)), "path": None}
+    rows = [
+        product_row("a", title="Red Cotton T-Shirt, large"),
+        product_row("a-copy", title="large red cotton t shirt"),  # same normalised title
+        product_row("b", title="blue denim jacket", images=[shared]),
+        product_row("b-copy", title="a jacket listed again", images=[shared]),  # same bytes
+        product_row("c", title="shoe"),  # 1 word: too generic to mark a duplicate
+        product_row("c-other", title="Shoe"),
+        *[product_row(f"n{i}", title=f"item number {i}", images=[placeholder]) for i in range(4)],
+    ]
+    store = _products_store(tmp_path / "products.arrow", rows)
+    groups = product_duplicate_groups(store, min_title_tokens=3, max_group=3)
+    assert groups[0] == groups[1] and groups[2] == groups[3]
+    assert len(set(groups.tolist())) == len(rows) - 2  # only those two pairs join
+    # a placeholder image shared by more products than max_group joins none of them
+    assert len(set(groups[6:].tolist())) == 4
+    cached = prepare_duplicate_groups(store, tmp_path, 3, 3)
+    np.testing.assert_array_equal(cached, groups)
+    np.testing.assert_array_equal(np.load(tmp_path / "duplicate_groups.npy"), groups)
+
+
+class _FixedEmbeddings(torch.nn.Module):
+    """Stands in for Moon2Model: its encoding of a batch is given, row for row."""
+
+    def __init__(self, embeddings: torch.Tensor) -> None:
+        super().__init__()
+        self.embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+
+    def encode(self, inputs: object):
+        from moon2.train.model import Encoded
+
+        return Encoded(embeddings=self.embeddings, gates=None, routings=[])
+
+
+def _nce(logits: list[list[float]], row: int, positive: int, columns: list[int]) -> float:
+    """-log softmax of logits[row][positive] among ``columns`` (by hand)."""
+    return -logits[row][positive] + float(np.log(sum(np.exp(logits[row][c]) for c in columns)))
+
+
+def _dot_products(left: list[list[float]], right: list[list[float]]) -> list[list[float]]:
+    return [[sum(a * b for a, b in zip(u, v, strict=True)) for v in right] for u in left]
+
+
+def test_duplicates_are_never_each_others_negatives_in_either_loss() -> None:
+    import dataclasses
+
+    from moon2.train.objective import Objective
+
+    # candidates a, a2 (a duplicate listing of a) and b; query 0 buys a and is given a2 as a
+    # negative (a false negative), query 1 buys b; the intra loss aligns a, a2 and b
+    candidates = [[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]
+    queries = [[0.6, 0.8], [0.8, 0.6]]
+    intra_images = [[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]
+    intra_texts = [[0.6, 0.8], [1.0, 0.0], [0.0, 1.0]]
+    rows = torch.tensor(candidates + queries + intra_images + intra_texts)
+    batch = duplicate_pair_batch()
+    config = tiny_config(
+        moe={"enabled": False},
+        filter={"enabled": False},
+        loss={"temperature": 0.5, "intra_temperature": 0.5, "learnable_temperature": False},
+    )
+    objective = Objective(_FixedEmbeddings(rows), config)
+    policy = FilterPolicy(config.filter)
+    with torch.no_grad():
+        masked = objective(batch, 0.5, 0, policy)
+        unmasked = objective(
+            dataclasses.replace(batch, candidate_dup_groups=[], intra_dup_groups=[]),
+            0.5,
+            0,
+            policy,
+        )
+    scores = _dot_products(queries, candidates)  # every vector has unit length
+    logits = [[s / 0.5 for s in row] for row in scores]
+    # query 0 without the duplicate's column; query 1 (b) keeps both listings of a
+    inter = (_nce(logits, 0, 0, [0, 2]) + _nce(logits, 1, 2, [0, 1, 2])) / 2
+    assert masked.parts["loss_t2mm"] == pytest.approx(inter, rel=1e-5)
+    assert unmasked.parts["loss_t2mm"] != pytest.approx(inter, rel=1e-3)
+    # the given duplicate is no negative for the filter's margin either: b is the hardest left
+    assert masked.margin[0].item() == pytest.approx(scores[0][0] - scores[0][2], abs=1e-5)
+    intra_logits = [[s / 0.5 for s in row] for row in _dot_products(intra_images, intra_texts)]
+    transposed = [list(column) for column in zip(*intra_logits, strict=True)]
+    keep = [[0, 2], [1, 2], [0, 1, 2]]  # a and a2 without each other's column
+    per_product = [
+        (_nce(intra_logits, i, i, keep[i]) + _nce(transposed, i, i, keep[i])) / 2 for i in range(3)
+    ]
+    intra = sum(per_product) / 3
+    assert masked.parts["loss_intra"] == pytest.approx(intra, rel=1e-5)
+    assert unmasked.parts["loss_intra"] != pytest.approx(intra, rel=1e-3)
+
+
+def test_samples_and_batches_carry_each_products_duplicate_group(
+    small_catalog: Path, tmp_path: Path
+) -> None:
+    from moon2.train.data import Collator, TripletDataset, build_index, prepare_stores
+
+    config = tiny_config()
+    products, queries = prepare_stores(small_catalog, tmp_path / "cache")
+    index = build_index(products, queries)
+    groups = np.arange(len(products)) + 1000
+    first, second = (int(index.positive_rows[p]) for p in (0, 1))
+    groups[second] = groups[first]  # the two positives are one item
+    dataset = TripletDataset(products, queries, index, config.data, 0, duplicate_groups=groups)
+    samples = [dataset[p] for p in range(4)]
+    assert samples[0]["positive"]["duplicate_group"] == samples[1]["positive"]["duplicate_group"]
+    _, processor = build_backbone(config.model, seed=0)
+    batch = Collator(processor, config.model, intra=True)(samples)
+    row_of = {pid: i for i, pid in enumerate(products.column("product_id"))}
+    assert batch.candidate_dup_groups == [groups[row_of[c]] for c in batch.candidate_ids]
+    assert batch.intra_dup_groups == [groups[row_of[c]] for c in batch.intra_ids]
+
+
+def test_images_per_product_a_checkpoint_trained_with_unless_the_user_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moon2.train.model as model_module
+    from moon2.bench.embed import embed_catalog
+    from moon2.models.base import DEFAULT_MAX_IMAGES, settle_max_images
+    from moon2.train.model import save_model
+
+    config = tiny_config()
+    backbone, processor = build_backbone(config.model, seed=0)
+    model = Moon2Model.with_processor(backbone, processor, config.model, config.moe)
+    final = save_model(model, processor, tmp_path / "final", max_images=2)
+    catalog = tmp_path / "catalog"
+    (catalog / "products").mkdir(parents=True)
+    photos = [{"bytes": png_bytes((40 * k, 90, 200), 32), "path": None} for k in range(4)]
+    rows = [product_row(f"p{i}", images=photos) for i in range(2)]
+    pq.write_table(products_table(rows), catalog / "products" / "p.parquet")
+    given: list[int] = []  # the most images of an item the model was given, per call
+    original = model_module.build_inputs
+
+    def counting(processor, items, *args, **kwargs):
+        given.append(max(len(item.images) for item in items))
+        return original(processor, items, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "build_inputs", counting)
+    for requested, expected in ((None, 2), (3, 3)):  # the checkpoint's 2 beats the default 4
+        given.clear()
+        out = tmp_path / f"emb-{requested}"
+        embed_catalog(str(final), catalog, out, device="cpu", max_images=requested)
+        assert given == [expected]
+        assert json.loads((out / "manifest.json").read_text())["max_images"] == expected
+    no_number = type("NoNumber", (), {"max_images": None})()
+    assert settle_max_images(no_number, None) == DEFAULT_MAX_IMAGES
 
 
 def test_patchwise_conv_equals_the_patch_embedding_convolution() -> None:

@@ -30,11 +30,8 @@ member of a positive's group counts as relevant in the qrels.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +41,19 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from moon2 import progress
 from moon2.bench.config import ALL_TASKS, BenchConfig
 from moon2.bench.metrics import trec_id, write_trec_qrels
+
+# the duplicate rule lives in the data layer (training uses it too); still importable from here
+from moon2.data.duplicates import (
+    TITLE_PREFIX,
+    duplicate_labels,
+    image_key,
+    title_key,
+)
+from moon2.data.duplicates import normalise_title as normalise_title
 from moon2.data.images import is_remote, local_path
 from moon2.data.io import (
     PartWriter,
@@ -103,31 +107,6 @@ QRELS_SCHEMA = pa.schema(
         pa.field("relevance", pa.int32(), nullable=False),
     ]
 )
-
-_PUNCTUATION = re.compile(r"[^\w\s]+", re.UNICODE)
-
-
-def normalise_title(title: str | None) -> str:
-    """Bag-of-words key of a title: NFKC, case-folded, punctuation dropped, words sorted.
-
-    Sorting the words makes re-ordered copies of a listing collide, which is how sellers
-    duplicate listings.
-    """
-    if not title:
-        return ""
-    text = unicodedata.normalize("NFKC", title).casefold()
-    words = _PUNCTUATION.sub(" ", text).split()
-    return " ".join(sorted(words))
-
-
-def image_key(cell: dict[str, Any] | None) -> str | None:
-    if not cell:
-        return None
-    data = cell.get("bytes")
-    if data is not None:
-        return "sha1:" + hashlib.sha1(data, usedforsecurity=False).hexdigest()
-    path = cell.get("path")
-    return f"path:{path}" if path else None
 
 
 def _stratum(category: list[str] | None, level: int) -> str:
@@ -229,9 +208,8 @@ def _scan_products(catalog: Path, config: BenchConfig) -> pl.DataFrame:
                             f"{split_values[i]!r} is neither 'train' nor 'test'"
                         )
                 records["product_id"].append(ids[i])
-                key = normalise_title(title) if split.dedupe_titles else ""
                 records["title_key"].append(
-                    key if len(key.split()) >= split.min_title_tokens else None
+                    title_key(title, split.min_title_tokens) if split.dedupe_titles else None
                 )
                 keys = [image_key(c) for c in cells] if split.dedupe_images else []
                 records["image_keys"].append(sorted({k for k in keys if k}))
@@ -266,22 +244,11 @@ def _duplicate_groups(frame: pl.DataFrame, max_group: int) -> tuple[np.ndarray, 
     valid = frame.filter(pl.col("problem").is_null())
     keyed = pl.concat(
         [
-            valid.select("idx", key=pl.lit("t:") + pl.col("title_key")).drop_nulls("key"),
+            valid.select("idx", key=pl.lit(TITLE_PREFIX) + pl.col("title_key")).drop_nulls("key"),
             valid.select("idx", key=pl.col("image_keys")).explode("key").drop_nulls("key"),
         ]
     )
-    groups = keyed.group_by("key").agg(pl.col("idx").unique().sort())
-    sizes = groups.select(pl.col("idx").list.len()).to_series()
-    too_common = int((sizes > max_group).sum())
-    groups = groups.filter((sizes >= 2) & (sizes <= max_group))
-    edges = groups.select(first=pl.col("idx").list.first(), member=pl.col("idx")).explode("member")
-    n = frame.height
-    rows = edges["first"].to_numpy().astype(np.int64)
-    cols = edges["member"].to_numpy().astype(np.int64)
-    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    stats = {"shared_keys": groups.height, "keys_too_common": too_common}
-    return labels, stats
+    return duplicate_labels(keyed, frame.height, max_group)
 
 
 def _assign_sides(frame: pl.DataFrame, config: BenchConfig) -> tuple[pl.DataFrame, str | None]:

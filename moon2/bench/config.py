@@ -116,8 +116,11 @@ class EvalConfig(Config):
     depth: int = Field(
         100, ge=10, description="Ranked list length kept per query (mAP and TREC runs use it)."
     )
-    max_images: int = Field(
-        4, ge=1, description="Images per product given to the encoder (main image first)."
+    max_images: int | None = Field(
+        None,
+        ge=1,
+        description="Images per product given to the encoder (main image first). null: as "
+        "many as a moon2 checkpoint trained with (its moon2_model.json records it), else 4.",
     )
     label_template: str = Field(
         "{label}", description="Text embedded for a class label in zero-shot classification."

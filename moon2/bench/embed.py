@@ -21,7 +21,7 @@ from moon2.data.io import PartWriter, count_rows, iter_batches
 from moon2.data.outdir import claim_output
 from moon2.data.schema import PRODUCTS, QUERIES
 from moon2.errors import InputError
-from moon2.models.base import EncodeItem, Encoder
+from moon2.models.base import EncodeItem, Encoder, settle_max_images
 
 # what embed writes directly in OUT (a re-run deletes these, and only in its own folder)
 OUTPUTS = ("products", "queries", "manifest.json")
@@ -39,9 +39,10 @@ def embed_catalog(
     out_dir: str | os.PathLike[str],
     batch_size: int = 32,
     device: str = "auto",
-    max_images: int = 4,
+    max_images: int | None = None,
 ) -> dict[str, int]:
-    """Embed ``catalog/products`` and ``catalog/queries`` (whichever exist)."""
+    """Embed ``catalog/products`` and ``catalog/queries`` (whichever exist); ``max_images``
+    None: as many as a moon2 checkpoint trained with, else 4 (see ``settle_max_images``)."""
     from moon2.models.registry import load_encoder
 
     root = Path(catalog)
@@ -51,6 +52,7 @@ def embed_catalog(
     inputs = [root, None if isinstance(model, Encoder) else model]
     # the model loads first: a bad one fails before an earlier output is replaced
     encoder = model if isinstance(model, Encoder) else load_encoder(model, device=device)
+    max_images = settle_max_images(encoder, max_images)
     # a re-run replaces its own earlier output whole: parts of two runs never mix
     with claim_output(out_dir, "embed", inputs=inputs, outputs=OUTPUTS, resume=False) as claim:
         return _embed_tables(encoder, root, tables, claim.path, batch_size, max_images)
@@ -96,6 +98,7 @@ def _embed_tables(
                 "model": encoder.name,
                 "dim": encoder.dim,
                 "rows": written,
+                "max_images": max_images,
                 "images_unreadable": failures[0],
             },
             indent=2,

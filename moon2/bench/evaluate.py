@@ -51,7 +51,7 @@ from moon2.data.io import iter_batches, write_table
 from moon2.data.outdir import claim_output
 from moon2.data.schema import PRODUCTS
 from moon2.errors import ImageDecodeError, InputError
-from moon2.models.base import EncodeItem, Encoder
+from moon2.models.base import EncodeItem, Encoder, settle_max_images
 
 RETRIEVAL_METRICS = ("R@1", "R@5", "R@10", "MRR@10", "nDCG@10", "mAP")
 CLASSIFICATION_METRICS = ("acc", "macro_p", "macro_r", "macro_f1")
@@ -507,6 +507,8 @@ def evaluate(
         encoder = (load or load_encoder)(
             model, device=config.device, trust_remote_code=config.trust_remote_code
         )
+    # eval_config.yaml records the number used
+    config = config.model_copy(update={"max_images": settle_max_images(encoder, config.max_images)})
     runnable = _readable_tasks(planned, encoder, skipped)
     # all checked before OUT is claimed: a bad model or task never costs the earlier results
     inputs = [bench, None if isinstance(model, Encoder) else model]

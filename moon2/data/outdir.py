@@ -99,6 +99,11 @@ def owner(path: str | os.PathLike[str]) -> str | None:
     return command if isinstance(command, str) else "an unknown command"
 
 
+def _is_own_file(name: str) -> bool:
+    """The marker, the lock, or the marker's temporary while it is written."""
+    return name in _OWN_FILES or name.startswith(f".{MARKER}.tmp-")
+
+
 def _legacy_match(out: Path, legacy: tuple[tuple[str, str], ...]) -> bool:
     """Whether ``out`` holds every (file, words) of ``legacy``: the signature of a folder the
     command wrote before it left markers (a small regular file that contains the words)."""
@@ -128,7 +133,7 @@ def _check_ownership(
     if found == command:
         return False
     try:
-        entries = [entry.name for entry in out.iterdir() if entry.name not in _OWN_FILES]
+        entries = [entry.name for entry in out.iterdir() if not _is_own_file(entry.name)]
     except PermissionError:
         raise InputError(f"cannot read the output folder {out}: permission denied") from None
     if not entries:  # nothing but a marker and a lock: a claim that failed at once

@@ -44,6 +44,9 @@ class Encoder(ABC):
     name: str = "encoder"
     supports_text: bool = True
     supports_images: bool = True
+    max_images: int | None = None
+    """Most images of an item the encoder reads (a moon2 checkpoint: as many as it trained
+    with); None: no number of its own."""
 
     @property
     @abstractmethod
@@ -63,6 +66,21 @@ class Encoder(ABC):
         if modality == "image":
             return self.supports_images
         return self.supports_text or self.supports_images  # mm: at least one part is read
+
+
+DEFAULT_MAX_IMAGES = 4
+"""Images per product eval and embed give an encoder that has no number of its own."""
+
+
+def settle_max_images(encoder: Encoder, requested: int | None) -> int:
+    """Images per product to give ``encoder``: ``requested`` when the user chose a number (an
+    encoder with a number of its own is told to read that many), else the encoder's own (a
+    moon2 checkpoint's: as many as it trained with), else :data:`DEFAULT_MAX_IMAGES`."""
+    if requested is None:
+        return encoder.max_images or DEFAULT_MAX_IMAGES
+    if encoder.max_images is not None:
+        encoder.max_images = requested
+    return requested
 
 
 def _mps_available() -> bool:

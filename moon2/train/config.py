@@ -166,6 +166,34 @@ class MoEConfig(Config):
     normalize_omega: bool = Field(
         True, description="Rescale omega to sum to the number of objectives in the batch."
     )
+    omega_floor: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Bounds omega around the uniform weight: each weight is mixed with the "
+        "batch's mean weight, so it stays within [floor, M - (M - 1) x floor] times that mean "
+        "for M objectives present ([0.5, 2.5] for the four at 0.5), whatever W* learns. "
+        "Unbounded (0), 1,500 Adam steps on fixed losses drove omega to 3.24 on one objective "
+        "and 0.20-0.34 on the others; 1: every weight 1.",
+    )
+    loss_scale: Literal["chance", "raw"] = Field(
+        "chance",
+        description="The losses W* compares: chance: each objective's loss divided by that of "
+        "a uniform guess, log(number of candidates) (the tiny recipe: ~32 columns for the "
+        "inter-product views, 16 for intra; the GPU one on 8 GPUs: ~128 and 4), so more columns "
+        "is not 'harder'; raw: the InfoNCE values. Steers W* only (and the router under paper); "
+        "the model's loss is unchanged.",
+    )
+    wstar_lr: float = Field(
+        3e-3,
+        gt=0,
+        description="Peak learning rate of W* (its own AdamW group, no weight decay, the same "
+        "warm-up and cosine schedule as optim.lr). Adam moves W* by about this much per update, "
+        "so wstar_lr x updates of ~4 lets a steady preference cross most of omega's band within "
+        "the run: on fixed losses the tiny recipe's ~1,500 updates reach 2.26 of the 2.5 "
+        "ceiling at 3e-3 (1.39 at its optim.lr, 1e-3); the GPU recipe's ~4,000 updates 2.21 "
+        "at 1e-3 (at its optim.lr, 1e-5, W* moved 0.04: omega ~1 in any mode).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MoEConfig:
@@ -195,6 +223,14 @@ class LossConfig(Config):
     learnable_temperature: bool = Field(True, description="Learn both temperatures.")
     in_batch_negatives: bool = Field(
         True, description="Every other candidate of the (global) batch is also a negative."
+    )
+    mask_duplicates: bool = Field(
+        True,
+        description="Products build-bench counts as the same item (the same normalised title "
+        "of at least 3 words, or an image with the same bytes or path; a title or image shared "
+        "by more than 50 products is a placeholder and marks nothing) are never each other's "
+        "negatives, in the inter and the intra loss (false: only copies of the same product_id "
+        "are kept apart).",
     )
 
 

@@ -5,6 +5,10 @@ The products and queries tables are copied once into Arrow IPC files under
 holding the catalog (or its images) in memory, in the main process and in every DataLoader
 worker alike.
 
+Products that build-bench counts as the same item share a duplicate group, computed once
+per catalog (cached in ``OUT/cache/``); every batch carries its products' groups, so the
+losses never use duplicates as each other's negatives.
+
 Rows that cannot be trained on reach ``OUT/_rejects/queries`` with the reason: a positive
 that is not in the products, a query with neither text nor image (found when the index is
 built), or a query image that does not decode (found when the row is read).
@@ -21,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
 
 from moon2 import progress
+from moon2.data.duplicates import duplicate_labels, product_keys
 from moon2.data.images import (
     ImageCache,
     check_image_header,
@@ -34,7 +40,7 @@ from moon2.data.images import (
     product_matte,
     random_view,
 )
-from moon2.data.io import align_to_schema, count_rows, iter_batches
+from moon2.data.io import align_to_schema, atomic_path, count_rows, iter_batches
 from moon2.data.schema import PRODUCTS, QUERIES
 from moon2.errors import ImageDecodeError, InputError
 from moon2.models.base import EncodeItem
@@ -206,9 +212,12 @@ class TripletDataset(torch.utils.data.Dataset):
         config: DataConfig,
         seed: int,
         intra_products: str = "all",
+        duplicate_groups: np.ndarray | None = None,
     ) -> None:
         """``intra_products``: whose intra-product image a sample carries ("positives", "all",
-        or "none"), so no photo is decoded that the intra loss will not use."""
+        or "none"), so no photo is decoded that the intra loss will not use.
+        ``duplicate_groups``: the duplicate group of every products row
+        (:func:`product_duplicate_groups`); None: each product is its own group."""
         self.products = products
         self.queries = queries
         self.index = index
@@ -216,6 +225,7 @@ class TripletDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.intra_products = intra_products
+        self.duplicate_groups = duplicate_groups
         self.images = ImageCache(config.image_cache_mb << 20)
         names = set(products.table.column_names)
         self.has_aug_title = config.use_augmented and "aug_title" in names
@@ -226,6 +236,10 @@ class TripletDataset(torch.utils.data.Dataset):
 
     def _rng(self, position: int, role: str) -> random.Random:
         return random.Random(f"{self.seed}:{self.epoch}:{position}:{role}")
+
+    def _duplicate_group(self, row: int) -> int:
+        """The duplicate group of products row ``row`` (the row itself without groups)."""
+        return row if self.duplicate_groups is None else int(self.duplicate_groups[row])
 
     def product(
         self, record: dict[str, Any], rng: random.Random | None = None, intra: bool = True
@@ -345,7 +359,8 @@ class TripletDataset(torch.utils.data.Dataset):
         if text and image is not None:
             views["mm2mm"] = EncodeItem(text=text, images=[image])
         sample["views"] = views
-        positive = self.products.row(int(self.index.positive_rows[position]))
+        positive_row = int(self.index.positive_rows[position])
+        positive = self.products.row(positive_row)
         if self.config.catalog_queries:
             rng = self._rng(position, "catalog-query")
             if rng.random() < self.config.catalog_queries:
@@ -358,6 +373,7 @@ class TripletDataset(torch.utils.data.Dataset):
             self._rng(position, "positive") if augment else None,
             intra=self.intra_products != "none",
         )
+        sample["positive"]["duplicate_group"] = self._duplicate_group(positive_row)
         negatives = self.index.negative_rows[position]
         if negatives and self.config.max_negatives:
             # a different subset each epoch, reproducible from (seed, epoch, sample)
@@ -373,6 +389,8 @@ class TripletDataset(torch.utils.data.Dataset):
             )
             for k, row in enumerate(chosen)
         ]
+        for negative, row in zip(sample["negatives"], chosen, strict=True):
+            negative["duplicate_group"] = self._duplicate_group(row)
         return sample
 
 
@@ -410,6 +428,11 @@ class Batch:
     """candidates whose input carries their aug_title"""
     aug_image_candidates: int = 0
     """candidates whose input carries at least one of their aug_images"""
+    candidate_dup_groups: list[int] = field(default_factory=list)
+    """each candidate's duplicate group: products build-bench counts as the same item share
+    one and are never each other's negatives (empty: unknown, the ids decide)"""
+    intra_dup_groups: list[int] = field(default_factory=list)
+    """the duplicate group of each intra-product row (as ``candidate_dup_groups``)"""
 
     def to(self, device: torch.device) -> Batch:
         inputs = None if self.inputs is None else {k: v.to(device) for k, v in self.inputs.items()}
@@ -473,6 +496,7 @@ class Collator:
         if catalog_rows:
             items[CATALOG_QUERIES] = [samples[i]["catalog_query"] for i in catalog_rows]
         intra_ids: list[str] = []
+        intra_dup_groups: list[int] = []
         if self.intra:
             pool = (
                 [products[candidate_ids[c]] for c in dict.fromkeys(positive_col)]
@@ -482,6 +506,7 @@ class Collator:
             both = [p for p in pool if p["title"] and p["intra_image"] is not None]
             if len(both) >= 2:
                 intra_ids = [p["product_id"] for p in both]
+                intra_dup_groups = _dup_groups(both)
                 items["intra_image"] = [EncodeItem(images=[p["intra_image"]]) for p in both]
                 items["intra_text"] = [EncodeItem(text=p["title"]) for p in both]
         groups: dict[str, tuple[int, int]] = {}
@@ -505,7 +530,15 @@ class Collator:
             catalog_rows=catalog_rows,
             aug_title_candidates=sum(bool(p.get("aug_title")) for p in products.values()),
             aug_image_candidates=sum(p.get("aug_images", 0) > 0 for p in products.values()),
+            candidate_dup_groups=_dup_groups(list(products.values())),
+            intra_dup_groups=intra_dup_groups,
         )
+
+
+def _dup_groups(products: list[dict[str, Any]]) -> list[int]:
+    """Each product's duplicate group, or [] when one is unknown (samples made without)."""
+    groups = [p.get("duplicate_group") for p in products]
+    return [] if None in groups else groups
 
 
 def prepare_stores(data_dir: Path, cache: Path) -> tuple[ArrowStore, ArrowStore]:
@@ -531,3 +564,48 @@ def _signature(source: Path) -> str:
 
     parts = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in resolve_files(source)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def product_duplicate_groups(
+    products: ArrowStore, min_title_tokens: int, max_group: int
+) -> np.ndarray:
+    """The duplicate group of every products row, by build-bench's rule (see
+    :mod:`moon2.data.duplicates`); a row without a product_id is its own group."""
+    table = products.table
+    columns = [c for c in ("product_id", "title", "images") if c in table.column_names]
+    rows: list[int] = []
+    keys: list[str] = []
+    offset = 0
+    with progress.task("grouping duplicate products", table.num_rows) as bar:
+        for chunk in table.select(columns).to_batches(max_chunksize=1024):
+            data = chunk.to_pydict()
+            for i, pid in enumerate(data["product_id"]):
+                if not pid:
+                    continue
+                images = data["images"][i] if "images" in data else None
+                for key in product_keys(data["title"][i], images, min_title_tokens):
+                    rows.append(offset + i)
+                    keys.append(key)
+            offset += chunk.num_rows
+            bar.advance(chunk.num_rows)
+    keyed = pl.DataFrame({"idx": rows, "key": keys}, schema={"idx": pl.Int64, "key": pl.String})
+    labels, _ = duplicate_labels(keyed, table.num_rows, max_group)
+    return labels.astype(np.int64)
+
+
+def prepare_duplicate_groups(
+    products: ArrowStore, cache: Path, min_title_tokens: int, max_group: int
+) -> np.ndarray:
+    """:func:`product_duplicate_groups` of the cached products, kept in ``cache`` (grouping
+    hashes every image; recomputed when the products or the rule change)."""
+    target = cache / "duplicate_groups.npy"
+    stamp = cache / "duplicate_groups.source"
+    source = cache / "products.source"
+    signature = f"{source.read_text() if source.exists() else ''}:{min_title_tokens}:{max_group}"
+    if target.exists() and stamp.exists() and stamp.read_text() == signature:
+        return np.load(target)
+    labels = product_duplicate_groups(products, min_title_tokens, max_group)
+    with atomic_path(target) as temp, open(temp, "wb") as handle:
+        np.save(handle, labels)
+    stamp.write_text(signature)
+    return labels

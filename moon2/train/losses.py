@@ -2,15 +2,17 @@
 
 - :func:`inter_product_nce`: a query view against multimodal candidates: its positive, the
   negatives given for it and every other candidate in the (global) batch; candidates that
-  are the same product as the positive are never negatives.
+  are the same item as the positive (the same product, or a duplicate of it) are never
+  negatives (the caller's ``allowed`` mask).
 - :func:`intra_product_nce`: a product's image against its own text and the other
-  products' texts, and the reverse (dual-level alignment).
+  products' texts, and the reverse (dual-level alignment); duplicates are never negatives.
 - :func:`gather_with_grad`: all-gather across DDP ranks keeping gradients (open_clip style).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,8 +38,28 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+class _FloorKeepingGradient(torch.autograd.Function):
+    """``max(value, floor)`` whose gradient still reaches a value below the floor when
+    descent would raise it, so a temperature that touched its floor can leave it (a plain
+    clamp's gradient is zero there: it would stay at the floor for good). A push further down
+    is dropped, so the raw value does not drift away below the floor."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, floor: float) -> torch.Tensor:
+        ctx.save_for_backward(value)
+        ctx.floor = floor
+        return value.clamp_min(floor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (value,) = ctx.saved_tensors
+        # descent moves the value by -grad: below the floor only grad < 0 (upwards) passes
+        return grad.masked_fill((value < ctx.floor) & (grad > 0), 0.0), None
+
+
 class Temperature(nn.Module):
-    """A softmax temperature, learnable in log space (as CLIP's logit scale) or fixed."""
+    """A softmax temperature, learnable in log space (as CLIP's logit scale) or fixed; never
+    below ``min_value``, which it can leave again (see :class:`_FloorKeepingGradient`)."""
 
     def __init__(self, value: float, learnable: bool, min_value: float = 0.01) -> None:
         super().__init__()
@@ -51,7 +73,7 @@ class Temperature(nn.Module):
             self.register_buffer("log_value", log)
 
     def forward(self) -> torch.Tensor:
-        return self.log_value.exp().clamp_min(self.min_value)
+        return _FloorKeepingGradient.apply(self.log_value.exp(), self.min_value)
 
 
 def inter_product_nce(
@@ -85,8 +107,9 @@ def intra_product_nce(
 ) -> torch.Tensor:
     """Symmetric image<->text InfoNCE over products: row i's image matches row i's text.
 
-    ``same_product`` [P, P] marks pairs of rows that are the same product (never negatives of
-    each other); per-sample loss is the mean of the two directions.
+    ``same_product`` [P, P] marks pairs of rows that are the same item (the same product or
+    duplicates: never negatives of each other); per-sample loss is the mean of the two
+    directions.
     """
     logits = image @ text.T / temperature
     if same_product is not None:
@@ -101,10 +124,13 @@ def intra_product_nce(
 
 
 def weighted_mean(loss: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Mean of per-sample losses under per-sample weights (plain mean when None)."""
+    """Per-sample losses times per-sample weights, averaged over the rows (plain mean when
+    None): divided by the number of rows, not by the weights' sum, so a down-weighted row
+    always counts less than a clean one would, even when every row of the batch is down-
+    weighted (a sum would scale such a batch back up to full strength)."""
     if weights is None:
         return loss.mean()
-    return (loss * weights).sum() / weights.sum().clamp_min(1e-8)
+    return (loss * weights).sum() / max(len(loss), 1)
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -8,7 +8,10 @@
 - :class:`ObjectiveMixer`: the learnable expert x objective matrix ``W*``;
   ``p_{z,m} = softmax_m(W*)``, per-batch objective weights
   ``omega_m = mean_{b in B_m} sum_z p_{z,m} G~_{z,b}`` and the specialisation loss
-  ``L_sparsity = (1/Z) sum_z H(p_{z,.})``.
+  ``L_sparsity = (1/Z) sum_z H(p_{z,.})``; omega is bounded around the uniform weight by a
+  floor (see :meth:`ObjectiveMixer.omega`).
+- :func:`weigh_objectives`: the weighted loss, with W* steered by the losses on a common scale
+  (each divided by :func:`chance_loss`, the loss of a uniform guess over its candidates).
 
 Padding tokens are excluded from routing statistics through a token mask that the model
 sets on every MoE layer before its forward pass.
@@ -179,12 +182,19 @@ class ObjectiveMixer(nn.Module):
         return torch.softmax(self.weight, dim=1)
 
     def omega(
-        self, gates_by_objective: dict[str, torch.Tensor], normalize: bool = True
+        self,
+        gates_by_objective: dict[str, torch.Tensor],
+        normalize: bool = True,
+        floor: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """``omega_m = mean_b sum_z p_{z,m} G~_{z,b}`` for the objectives present in the batch.
 
-        ``normalize`` (moon2's choice, the paper leaves it open) rescales the weights of the
-        present objectives to sum to their number, so the loss scale does not drift.
+        ``floor`` (moon2's choice) mixes each weight with the present objectives' mean weight,
+        ``floor * mean + (1 - floor) * omega_m``: whatever W* and the routing, ``omega_m / mean``
+        stays in ``[floor, M - (M - 1) * floor]`` for M objectives present, and the mean is
+        unchanged (0: unbounded, the paper). ``normalize`` (moon2's choice, the paper leaves it
+        open) then divides by the mean, so the weights sum to M and the loss scale does not
+        drift.
         """
         p = self.preferences()
         omega = {}
@@ -193,12 +203,52 @@ class ObjectiveMixer(nn.Module):
                 continue
             column = p[:, self.objectives.index(name)]
             omega[name] = (gates @ column).mean()
-        if normalize and omega:
-            total = torch.stack(list(omega.values())).sum()
-            omega = {k: v * len(omega) / total for k, v in omega.items()}
+        if not omega:
+            return omega
+        mean = torch.stack(list(omega.values())).mean()
+        omega = {k: floor * mean + (1.0 - floor) * v for k, v in omega.items()}
+        if normalize:
+            omega = {k: v / mean for k, v in omega.items()}
         return omega
 
     def sparsity_loss(self) -> torch.Tensor:
         """Mean entropy of each expert's objective preference (low = specialised experts)."""
         p = self.preferences()
         return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1).mean()
+
+
+def chance_loss(allowed: torch.Tensor) -> torch.Tensor:
+    """Per query row, the InfoNCE loss of a uniform guess over its candidates:
+    ``log(number of allowed columns)`` of an [N, C] mask (at least log 2): [N]."""
+    return allowed.sum(dim=1).clamp_min(2).float().log()
+
+
+def weigh_objectives(
+    terms: dict[str, torch.Tensor],
+    omega: dict[str, torch.Tensor],
+    scales: dict[str, torch.Tensor],
+    ascend: bool,
+    levels: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``sum_m omega_m L_m`` (1 for an objective without omega) as the model sees it, omega a
+    constant; plus a term of value zero through which omega alone (W*, and the router when the
+    gates keep their gradient) descends (``ascend`` False: the paper) or ascends (balance)
+    ``sum_m omega_m L_m / scale_m``, the losses on a common scale (``scales``: e.g. each
+    objective's :func:`chance_loss`; a missing one is 1). ``levels``: the figure to steer by
+    in place of a term (its loss level before the filter's weights shrank it)."""
+    levels = levels or {}
+    total = []
+    for name, term in terms.items():
+        if name not in omega:
+            total.append(term)
+            continue
+        weight = omega[name]
+        scale = scales.get(name)
+        level = levels.get(name, term)
+        scaled = (level if scale is None else level / scale).detach()
+        signal = weight * scaled
+        steer = signal.detach() - signal if ascend else signal - signal.detach()
+        total.append(weight.detach() * term + steer)
+    if total:
+        return torch.stack(total).sum()
+    return torch.zeros((), device=next(iter(omega.values())).device) if omega else torch.zeros(())

@@ -24,7 +24,13 @@ from moon2.train.losses import (
     weighted_mean,
 )
 from moon2.train.model import Encoded, Moon2Model
-from moon2.train.moe import ObjectiveMixer, load_balancing_loss, routing_usage
+from moon2.train.moe import (
+    ObjectiveMixer,
+    chance_loss,
+    load_balancing_loss,
+    routing_usage,
+    weigh_objectives,
+)
 
 
 @dataclass
@@ -85,10 +91,36 @@ class _Candidates:
 
     embeddings: torch.Tensor
     ids: torch.Tensor
+    """each candidate's item key (see :func:`_item_keys`): equal keys are never negatives of
+    each other"""
     valid: torch.Tensor
     positive_ids: torch.Tensor
-    """id hash of each local sample's positive"""
+    """item key of each local sample's positive"""
     offset: int
+
+
+def _item_keys(batch: Batch) -> list[int]:
+    """Per candidate, which item it is: its duplicate group (products build-bench counts as
+    the same item share one), else (a batch without groups) the hash of its product_id."""
+    if batch.candidate_dup_groups:
+        return list(batch.candidate_dup_groups)
+    return [id_hash(c) for c in batch.candidate_ids]
+
+
+def _same_item(batch: Batch, device: torch.device) -> torch.Tensor | None:
+    """[P, P] True where two intra-product rows are the same item (None: groups unknown)."""
+    if not batch.intra_dup_groups:
+        return None
+    groups = torch.tensor(batch.intra_dup_groups, device=device)
+    return groups.unsqueeze(0) == groups.unsqueeze(1)
+
+
+def _intra_candidates(batch: Batch, products: int, device: torch.device) -> torch.Tensor:
+    """[P, P] the texts each intra-product image competes over: its own and every other
+    item's (a duplicate of itself is no candidate)."""
+    own = torch.eye(products, dtype=torch.bool, device=device)
+    same = _same_item(batch, device)
+    return own | ~same if same is not None else torch.ones_like(own)
 
 
 class Objective(nn.Module):
@@ -115,11 +147,12 @@ class Objective(nn.Module):
             name: everything.rows(start, end) for name, (start, end) in batch.groups.items()
         }
         candidates = encoded["candidates"]
-        cand_ids = torch.tensor([id_hash(c) for c in batch.candidate_ids], device=device)
+        cand_ids = torch.tensor(_item_keys(batch), dtype=torch.long, device=device)
         all_cand, all_ids, valid, offset = _gather_padded(candidates.embeddings, cand_ids)
         positive_ids = cand_ids[torch.tensor(batch.positive_col, device=device)]
         temperature = self.temperature()
         view_losses: dict[str, tuple[list[int], torch.Tensor]] = {}
+        chance: dict[str, list[torch.Tensor]] = {}  # per objective: each row's chance loss
         loss_sum = torch.zeros(n, device=device)
         margin_sum = torch.zeros(n, device=device)
         count = torch.zeros(n, device=device)
@@ -133,19 +166,21 @@ class Objective(nn.Module):
             )
             margin_v = self._margins(batch, rows, scores, positive_index, allowed, offset)
             view_losses[view] = (rows, loss_v)
+            chance[view] = [chance_loss(allowed)]
             rows_t = torch.tensor(rows, device=device)
             loss_sum = loss_sum.index_add(0, rows_t, loss_v.detach())
             margin_sum = margin_sum.index_add(0, rows_t, margin_v.detach())
             count = count.index_add(0, rows_t, torch.ones_like(loss_v))
         catalog_loss = None
         if CATALOG_QUERIES in encoded:
-            catalog_loss, *_ = self._inter(
+            catalog_loss, _, _, catalog_allowed = self._inter(
                 batch,
                 batch.catalog_rows,
                 encoded[CATALOG_QUERIES].embeddings,
                 candidates_of,
                 temperature,
             )
+            chance.setdefault("i2mm", []).append(chance_loss(catalog_allowed))
         sample_loss = loss_sum / count.clamp_min(1)
         margin = margin_sum / count.clamp_min(1)
         phi, weight = policy.weights(margin, progress, sample_loss)
@@ -155,36 +190,35 @@ class Objective(nn.Module):
             intra_loss = intra_product_nce(
                 encoded["intra_image"].embeddings,
                 encoded["intra_text"].embeddings,
-                None,
+                _same_item(batch, device),
                 self.intra_temperature(),
             )
+            products = len(encoded["intra_image"].embeddings)
+            chance["intra"] = [chance_loss(_intra_candidates(batch, products, device))]
 
         terms: dict[str, torch.Tensor] = {}
+        # what each objective's loss is, whatever the filter's weights: the figure W* steers
+        # by and the one logged (the filter shrinks a term's strength, not its difficulty)
+        levels: dict[str, torch.Tensor] = {}
         for view, (rows, loss_v) in view_losses.items():
             row_weights = weight[torch.tensor(rows, device=device)]
             if view == "i2mm" and catalog_loss is not None:
                 loss_v = torch.cat([loss_v, catalog_loss])
                 row_weights = torch.cat([row_weights, torch.ones_like(catalog_loss)])
             terms[view] = weighted_mean(loss_v, row_weights)
+            levels[view] = _level(loss_v.detach(), row_weights.detach())
         if catalog_loss is not None and "i2mm" not in terms:
             terms["i2mm"] = catalog_loss.mean()
         if intra_loss is not None:
             terms["intra"] = intra_loss
         mode = self.config.moe.objective_weighting
         omega = self._omega(encoded, detach_gates=mode == "balance")
-        total = torch.zeros((), device=device)
-        parts: dict[str, float] = {}
-        for name, term in terms.items():
-            parts[f"loss_{name}"] = float(term.detach())
-            if name not in omega:
-                total = total + term
-            elif mode == "paper":
-                total = total + omega[name] * term
-            else:
-                # the model descends with omega as a constant; W* ascends the weighted loss
-                # (a zero-valued term whose gradient reaches W* only, with the opposite sign)
-                total = total + omega[name].detach() * term
-                total = total - omega[name] * term.detach() + (omega[name] * term).detach()
+        levels = {name: levels.get(name, term.detach()) for name, term in terms.items()}
+        parts = {f"loss_{name}": float(level) for name, level in levels.items()}
+        # the model descends with omega as a constant; omega descends (paper) or ascends
+        # (balance) the weighted loss, the losses on a common scale
+        scales = self._scales(chance)
+        total = weigh_objectives(terms, omega, scales, ascend=mode == "balance", levels=levels)
         if self.mixer is not None:
             aux = load_balancing_loss(everything.routings, self.config.moe.top_k)
             sparsity = self.mixer.sparsity_loss()
@@ -240,13 +274,15 @@ class Objective(nn.Module):
     ) -> torch.Tensor:
         columns = len(all_ids)
         if self.config.loss.in_batch_negatives:
-            # every real candidate competes, except other copies of the query's own product
-            allowed = valid.unsqueeze(0) & (all_ids.unsqueeze(0) != positive_ids.unsqueeze(1))
+            # every real candidate competes
+            allowed = valid.unsqueeze(0).expand(len(rows), columns).clone()
         else:
             allowed = torch.zeros(len(rows), columns, dtype=torch.bool, device=all_ids.device)
             for i, r in enumerate(rows):
                 for col in batch.negative_cols[r]:
                     allowed[i, offset + col] = True
+        # except other copies of the query's own product and its duplicates (the same item)
+        allowed &= all_ids.unsqueeze(0) != positive_ids.unsqueeze(1)
         index = torch.arange(len(rows), device=all_ids.device)
         positive_cols = torch.tensor(
             [offset + batch.positive_col[r] for r in rows], device=all_ids.device
@@ -263,12 +299,13 @@ class Objective(nn.Module):
         allowed: torch.Tensor,
         offset: int,
     ) -> torch.Tensor:
-        """s(q, p) - s(q, n) with n the hardest given negative (else the hardest allowed)."""
+        """s(q, p) - s(q, n) with n the hardest given negative (else the hardest allowed); a
+        given negative that is a duplicate of the positive is no negative."""
         scores = scores.detach()
         positive = scores.gather(1, positive_index.unsqueeze(1)).squeeze(1)
         margins = []
         for i, r in enumerate(rows):
-            given = [offset + c for c in batch.negative_cols[r]]
+            given = [offset + c for c in batch.negative_cols[r] if allowed[i, offset + c]]
             if given:
                 hardest = scores[i, given].max()
             else:
@@ -288,7 +325,15 @@ class Objective(nn.Module):
         if "intra_image" in encoded:
             gates["intra"] = torch.cat([encoded["intra_image"].gates, encoded["intra_text"].gates])
         gates = {k: (v.detach() if detach_gates else v) for k, v in gates.items() if v is not None}
-        return self.mixer.omega(gates, normalize=self.config.moe.normalize_omega)
+        moe = self.config.moe
+        return self.mixer.omega(gates, normalize=moe.normalize_omega, floor=moe.omega_floor)
+
+    def _scales(self, chance: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Per objective, the mean loss of a uniform guess over its rows' candidates: the
+        common scale its loss is divided by before W* compares objectives (moe.loss_scale)."""
+        if self.config.moe.loss_scale == "raw":
+            return {}
+        return {name: torch.cat(rows).mean() for name, rows in chance.items()}
 
     @staticmethod
     def _usage(encoded: dict[str, Encoded]) -> dict[str, list[float]]:
@@ -303,3 +348,10 @@ class Objective(nn.Module):
             if routings:
                 usage[modality] = [round(float(v), 4) for v in routing_usage(routings)]
         return usage
+
+
+def _level(loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted mean of ``loss`` normalised by the weights' sum (the plain mean when they
+    sum to 0): the objective's loss level, which the filter's weights do not shrink."""
+    total = weights.sum()
+    return (loss * weights).sum() / total if total > 0 else loss.mean()

@@ -86,6 +86,12 @@ def check_resume(out: Path, plan: dict[str, Any], resume: bool) -> None:
     changed = changed_fields(previous, plan)
     if not changed:
         return
+    unknown = [k for k in changed if k not in _flatten(previous.get("config", {})) and k != "data"]
+    if unknown:  # fields this moon2 has and the checkpoint's did not: no config can match it
+        raise ConfigError(
+            f"{out} holds a run written by an older moon2 (before {', '.join(unknown[:_SHOWN])}),"
+            " which cannot be resumed; train again in a new folder"
+        )
     names = ", ".join(changed[:_SHOWN])
     if len(changed) > _SHOWN:
         names += f" and {len(changed) - _SHOWN} more"

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from moon2 import progress
+from moon2.bench.config import SplitConfig
 from moon2.curate.dynamic import FilterPolicy, detection_report
 from moon2.data.io import PartWriter, atomic_path
 from moon2.data.outdir import check_output, claim_output
@@ -50,10 +51,12 @@ from moon2.models.base import check_device
 from moon2.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moon2.train.config import OptimConfig, TrainConfig
 from moon2.train.data import (
+    ArrowStore,
     Batch,
     Collator,
     TripletDataset,
     build_index,
+    prepare_duplicate_groups,
     prepare_stores,
 )
 from moon2.train.model import Moon2Model, build_backbone, save_model
@@ -153,6 +156,28 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _every_rank_has_samples(count: int, device: torch.device) -> bool:
+    """Whether every process's batch kept samples (``count`` here) after runtime rejects (a
+    collective): a step runs on all processes or on none, since its forward and backward
+    hold collectives every rank must issue; a skipped step's samples get no score."""
+    if not dist.is_initialized():
+        return count > 0
+    fewest = torch.tensor([count], device=device)
+    dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+    return bool(fewest.item() > 0)
+
+
+def _duplicate_groups(config: TrainConfig, products: ArrowStore, cache: Path) -> np.ndarray | None:
+    """Each products row's duplicate group by build-bench's default rule (None when
+    ``loss.mask_duplicates`` is off: only copies of one product_id are kept apart)."""
+    if not config.loss.mask_duplicates:
+        return None
+    rule = SplitConfig()
+    return prepare_duplicate_groups(
+        products, cache, rule.min_title_tokens, rule.max_duplicate_group
+    )
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -208,14 +233,26 @@ def _epoch_batches(
 
 
 def make_optimizer(
-    parameters: list[torch.nn.Parameter], optim: OptimConfig, device: torch.device
+    parameters: list[torch.nn.Parameter],
+    optim: OptimConfig,
+    device: torch.device,
+    wstar: torch.nn.Parameter | None = None,
+    wstar_lr: float | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not biases, norms, temperatures)."""
+    """AdamW with weight decay on matrices only (not biases, norms, temperatures); ``wstar``
+    (the expert x objective matrix W*), when among ``parameters``, in a group of its own named
+    "wstar" at ``wstar_lr`` (moe.wstar_lr), without weight decay."""
+    own = [p for p in parameters if p is wstar]
+    rest = [p for p in parameters if p is not wstar]
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in rest if p.ndim >= 2], "weight_decay": optim.weight_decay},
+        {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    if own:
+        lr = optim.lr if wstar_lr is None else wstar_lr
+        groups.append({"params": own, "lr": lr, "weight_decay": 0.0, "name": "wstar"})
     return torch.optim.AdamW(
-        [
-            {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": optim.weight_decay},
-            {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
-        ],
+        groups,
         lr=optim.lr,
         # one fused kernel instead of a loop over tensors: on CPU the loop took 13% of the
         # tiny model's update time, fused 2% (the 6.3M-parameter token embedding dominates)
@@ -293,6 +330,7 @@ def train(
     check_output(out, STAGE, inputs=[data], legacy=LEGACY_OUTPUT)
     plan = run_plan(data, config)
     check_resume(out, plan, resume)
+    _barrier()  # no rank may see OUT half-claimed (its lock written, not yet its marker)
     with _claim_on_main(out, data, rank, claim):
         return _train(data, out, config, resume, plan, rank, world, device)
 
@@ -339,9 +377,10 @@ def _train(
                 "choose a new output directory"
             )
         config.to_yaml(out / "train_config.yaml", "moon2 train: resolved config of this run")
-        prepare_stores(data, out / "cache")
+        _duplicate_groups(config, prepare_stores(data, out / "cache")[0], out / "cache")
     _barrier()
     products, queries = prepare_stores(data, out / "cache")
+    duplicate_groups = _duplicate_groups(config, products, out / "cache")
     index = build_index(products, queries)
     if len(index.query_rows) < config.optim.batch_size * world:
         raise InputError(
@@ -355,6 +394,7 @@ def _train(
         config.data,
         config.seed,
         intra_products=config.loss.intra_products if config.loss.intra else "none",
+        duplicate_groups=duplicate_groups,
     )
 
     backbone, processor = build_backbone(config.model, config.seed)
@@ -375,7 +415,10 @@ def _train(
             find_unused_parameters=True,  # experts that no token chose in a step
         )
     parameters = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = make_optimizer(parameters, config.optim, device)
+    wstar = objective.mixer.weight if objective.mixer is not None else None
+    optimizer = make_optimizer(
+        parameters, config.optim, device, wstar=wstar, wstar_lr=config.moe.wstar_lr
+    )
     total_updates = config.optim.planned_updates(len(index.query_rows), world)
     warmup = int(config.optim.warmup_ratio * total_updates)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, total_updates))
@@ -408,6 +451,7 @@ def _train(
     seen_samples = 0
     window_start = time.perf_counter()
     window_samples = 0
+    accumulated = 0  # micro-batches of the current accumulation window that ran
     done = False
     sampler = _EpochBatches()
     loader = torch.utils.data.DataLoader(
@@ -440,18 +484,22 @@ def _train(
                     policy.set_cut(_epoch_losses(scores))
                 for query_id, reason in batch.rejected:
                     runtime_rejects.setdefault(query_id, reason)
-                if not batch.positions:
+                if _every_rank_has_samples(len(batch.positions), device):
+                    batch = batch.to(device)
+                    with _autocast(device, config.model.dtype):
+                        result = wrapped(batch, fraction, epoch, policy)
+                    (result.loss / config.optim.grad_accum).backward()
+                    scores.append(_score_rows(result, dataset, epoch, kept=True))
+                    counters.add(batch, result)
+                    seen_samples += len(batch.positions)
+                    window_samples += len(batch.positions) * world
+                    accumulated += 1
+                # a skipped micro-batch still closes its accumulation window, so one update
+                # never sums two windows; a window whose every micro-batch was skipped
+                # makes no update (the same on every rank: the skip is agreed)
+                if (batch_index + 1) % config.optim.grad_accum or not accumulated:
                     continue
-                batch = batch.to(device)
-                with _autocast(device, config.model.dtype):
-                    result = wrapped(batch, fraction, epoch, policy)
-                (result.loss / config.optim.grad_accum).backward()
-                scores.append(_score_rows(result, dataset, epoch, kept=True))
-                counters.add(batch, result)
-                seen_samples += len(batch.positions)
-                window_samples += len(batch.positions) * world
-                if (batch_index + 1) % config.optim.grad_accum:
-                    continue
+                accumulated = 0
                 torch.nn.utils.clip_grad_norm_(parameters, config.optim.clip_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -594,23 +642,61 @@ def _rescore_dropped(
     world: int,
     fraction: float,
 ) -> list[dict[str, list]]:
-    """Score the samples that sat out this epoch, so they can come back next epoch."""
-    dropped = sorted(policy.dropped)[rank::world]
+    """Score the samples that sat out this epoch, so they can come back next epoch.
+
+    Each forward holds collectives, so every rank makes the same number of calls
+    (:func:`_rescore_calls`), each on at least two samples (:func:`_rescore_samples`)."""
+    dropped = sorted(policy.dropped)
+    mine = dropped[rank::world]
+    size = config.optim.batch_size
     rows = []
     objective.eval()
-    for start in range(0, len(dropped), config.optim.batch_size):
-        chunk = dropped[start : start + config.optim.batch_size]
-        if len(chunk) < 2:
-            continue
-        batch = collator([dataset[p] for p in chunk])
-        if batch is None or not batch.positions:
-            continue
+    for call in range(_rescore_calls(_gather_objects(len(mine)), size)):
+        chunk = mine[call * size : (call + 1) * size]
+        samples, real = _rescore_samples(dataset, chunk, dropped)
         with _autocast(device, config.model.dtype):
-            result = objective(batch.to(device), fraction, epoch, policy)
-        rows.append(_score_rows(result, dataset, epoch, kept=False))
+            result = objective(collator(samples).to(device), fraction, epoch, policy)
+        if real:
+            scored = _score_rows(result, dataset, epoch, kept=False)
+            rows.append({name: values[:real] for name, values in scored.items()})
     objective.train()
     del wrapped
     return rows
+
+
+RESCORE_MIN_SAMPLES = 2
+"""Samples of a re-scoring forward at least (padding included)."""
+
+
+def _rescore_calls(counts: list[int], batch_size: int) -> int:
+    """Forward calls every rank makes to re-score its dropped samples, from each rank's count
+    of them: as many as the rank with the most needs (the others pad, see
+    :func:`_rescore_samples`)."""
+    return max((math.ceil(count / batch_size) for count in counts), default=0)
+
+
+def _rescore_samples(
+    dataset: TripletDataset, chunk: list[int], fillers: list[int]
+) -> tuple[list[dict[str, Any]], int]:
+    """The readable samples of ``chunk`` and how many they are, followed by padding up to
+    :data:`RESCORE_MIN_SAMPLES` (whose scores are discarded): readable samples of ``fillers``
+    not in ``chunk``, else copies. ``chunk`` may be empty (a rank with fewer samples)."""
+    samples = _readable(dataset, chunk)
+    real = len(samples)
+    for position in fillers:
+        if len(samples) >= RESCORE_MIN_SAMPLES:
+            break
+        if position not in chunk:
+            samples += _readable(dataset, [position])
+    if not samples:
+        raise Moon2Error("no readable sample to pad a re-scoring batch with")
+    samples += [samples[0]] * (RESCORE_MIN_SAMPLES - len(samples))
+    return samples, real
+
+
+def _readable(dataset: TripletDataset, positions: list[int]) -> list[dict[str, Any]]:
+    """The samples at ``positions`` that are not rejected when read (unreadable images)."""
+    return [s for s in (dataset[p] for p in positions) if "rejected" not in s]
 
 
 def _partial_path(out: Path, epoch: int) -> Path:

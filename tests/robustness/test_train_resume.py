@@ -93,6 +93,19 @@ def test_resume_with_another_model_shape_names_the_fields(
     assert "different seed, moe.num_experts;" in line
 
 
+def test_checkpoint_of_an_older_moon2_says_so(run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A checkpoint whose plan lacks a field this moon2 added cannot be matched by any config:
+    the refusal says so instead of asking for the checkpoint's config."""
+    data, out = run
+    copy = _copy_run(out, tmp_path)
+    for path in (copy / "checkpoints").glob("step-*/plan.json"):
+        plan = json.loads(path.read_text())
+        del plan["config"]["moe"]["wstar_lr"]
+        path.write_text(json.dumps(plan))
+    line = _one_sentence(_train(data, copy, _recipe(tmp_path / "r"), "--resume"))
+    assert "older moon2 (before moe.wstar_lr)" in line and "new folder" in line
+
+
 def test_checkpoint_without_plan_of_another_shape_is_one_sentence(
     run: tuple[Path, Path], tmp_path: Path
 ) -> None:
