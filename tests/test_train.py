@@ -1153,6 +1153,11 @@ def test_duplicate_groups_follow_build_benchs_rule(tmp_path: Path) -> None:
     assert len(set(groups.tolist())) == len(rows) - 2  # only those two pairs join
     # a placeholder image shared by more products than max_group joins none of them
     assert len(set(groups[6:].tolist())) == 4
+    # cached only beside the record of which products they are (what prepare_stores writes)
+    assert not (tmp_path / "products.source").exists()
+    np.testing.assert_array_equal(prepare_duplicate_groups(store, tmp_path, 3, 3), groups)
+    assert not (tmp_path / "duplicate_groups.npy").exists()
+    (tmp_path / "products.source").write_text("the products' files, sizes and times")
     cached = prepare_duplicate_groups(store, tmp_path, 3, 3)
     np.testing.assert_array_equal(cached, groups)
     np.testing.assert_array_equal(np.load(tmp_path / "duplicate_groups.npy"), groups)

@@ -20,6 +20,9 @@ import polars as pl
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+RULE_VERSION = 1
+"""Changes whenever the rule below does, so that cached groupings are recomputed."""
+
 _PUNCTUATION = re.compile(r"[^\w\s]+", re.UNICODE)
 TITLE_PREFIX = "t:"
 """Prefix of a title key among the image keys (which start with ``sha1:`` or ``path:``)."""

@@ -31,7 +31,7 @@ import pyarrow.ipc as ipc
 import torch
 
 from moon2 import progress
-from moon2.data.duplicates import duplicate_labels, product_keys
+from moon2.data.duplicates import RULE_VERSION, duplicate_labels, product_keys
 from moon2.data.images import (
     ImageCache,
     check_image_header,
@@ -601,7 +601,9 @@ def prepare_duplicate_groups(
     target = cache / "duplicate_groups.npy"
     stamp = cache / "duplicate_groups.source"
     source = cache / "products.source"
-    signature = f"{source.read_text() if source.exists() else ''}:{min_title_tokens}:{max_group}"
+    if not source.is_file():  # no record of which products these are: nothing to trust
+        return product_duplicate_groups(products, min_title_tokens, max_group)
+    signature = f"{RULE_VERSION}:{source.read_text()}:{min_title_tokens}:{max_group}"
     if target.exists() and stamp.exists() and stamp.read_text() == signature:
         return np.load(target)
     labels = product_duplicate_groups(products, min_title_tokens, max_group)
