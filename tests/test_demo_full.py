@@ -34,12 +34,15 @@ def test_full_demo_killed_in_training_resumes_and_learns(tmp_path: Path) -> None
     first = _demo(out, tmp_path / "first")
     checkpoints = out / "run" / "checkpoints"
     deadline = time.monotonic() + 1800
-    while not any(checkpoints.glob("step-*/trainer.json")):
-        assert first.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no training checkpoint after 30 minutes"
-        time.sleep(2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    try:
+        while not any(checkpoints.glob("step-*/trainer.json")):
+            assert first.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no training checkpoint after 30 minutes"
+            time.sleep(2)
+    finally:  # killed at its first checkpoint, or when the test fails: never left running
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     logged = (out / "run" / "metrics.jsonl").read_text().splitlines()
     assert not (out / "_stages" / "train.json").exists()
 
