@@ -51,7 +51,7 @@ from moon2.bench.evaluate import (
     RETRIEVAL_METRICS,
     per_query_ids,
 )
-from moon2.data.io import atomic_path
+from moon2.data.io import atomic_path, read_json_object
 from moon2.data.outdir import check_output, claim_output
 from moon2.errors import ConfigError, InputError
 
@@ -210,11 +210,8 @@ def _read_eval(path: Path, label: str) -> EvalFolder:
     results = path / "results.json"
     if not results.is_file():
         raise InputError(f"{path} is not a moon2 eval output (no results.json)")
-    try:
-        data = json.loads(results.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        data = None
-    if not isinstance(data, dict):
+    data = read_json_object(results)
+    if data is None:
         raise InputError(f"{results} is not a moon2 eval results file; re-run moon2 eval")
     sha = data.get("bench_manifest_sha256")
     if not isinstance(sha, str) or not sha:

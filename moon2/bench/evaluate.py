@@ -47,7 +47,7 @@ from moon2.bench.metrics import (
 )
 from moon2.bench.retrieval import topk_search
 from moon2.data.images import decode_image
-from moon2.data.io import iter_batches, write_table
+from moon2.data.io import iter_batches, read_json_object, write_table
 from moon2.data.outdir import claim_output
 from moon2.data.schema import PRODUCTS
 from moon2.errors import ImageDecodeError, InputError
@@ -396,11 +396,8 @@ def _read_manifest(bench: Path) -> dict[str, Any]:
         raise InputError(
             f"{bench} is not a moon2 benchmark (no manifest.json); build one with moon2 build-bench"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        manifest = None
-    if not isinstance(manifest, dict):
+    manifest = read_json_object(path)
+    if manifest is None:
         raise InputError(f"{path} is not a build-bench manifest; rebuild the benchmark")
     if not manifest.get("tasks"):
         raise InputError(

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import glob as globlib
+import json
 import os
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -145,6 +147,16 @@ def _arrow_schema(reader: pq.ParquetFile, file: Path) -> pa.Schema:
         return reader.schema_arrow
     except (pa.ArrowInvalid, pa.ArrowException) as exc:
         raise InputError(f"{file} has a schema Arrow cannot read ({_first_line(exc)})") from None
+
+
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A JSON file holding an object, as a dict; None when it cannot be read, does not parse
+    (UTF-8 JSON) or holds something else (the caller says why in its own words)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read_schema(path: str | os.PathLike[str]) -> pa.Schema:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from moon2.data.io import atomic_path
+from moon2.data.io import atomic_path, read_json_object
 from moon2.errors import InputError
 
 MARKER = ".moon2-output.json"
@@ -83,11 +83,7 @@ def _read_marker(path: Path) -> dict[str, object] | None:
     marker = path / MARKER
     if not marker.is_file():
         return None
-    try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json_object(marker) or {}
 
 
 def owner(path: str | os.PathLike[str]) -> str | None:
