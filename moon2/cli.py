@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import re
 import sys
@@ -15,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from moon2 import __version__, progress
-from moon2.errors import DEBUG_ENV, Moon2Error, debug_enabled
+from moon2.errors import DEBUG_ENV, Moon2Error, debug_enabled, os_error_reason
 
 app = typer.Typer(
     name="moon2",
@@ -32,21 +31,6 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-# OS errors a user's files or machine cause (not moon2's bugs): one sentence, exit 2
-_USER_OS_ERRORS = {
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EROFS: "read-only file system",
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.ENOENT: "no such file or folder",
-    errno.ENOTDIR: "a part of the path is not a folder",
-    errno.EISDIR: "is a folder, not a file",
-    errno.ENAMETOOLONG: "file name too long",
-    errno.EMFILE: "too many open files",
-}
-
-
 def _fail(message: str, code: int) -> typer.Exit:
     progress.console().print(
         f"[red]error:[/red] {escape(message)}",  # paths may contain [brackets]
@@ -58,10 +42,7 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 def _os_error_message(exc: OSError) -> str | None:
     """One sentence for an OS error a user can cause, or None for anything else (a bug)."""
-    code = exc.errno
-    if code is None and isinstance(exc, FileNotFoundError):  # pyarrow sets no errno
-        code = errno.ENOENT
-    reason = _USER_OS_ERRORS.get(code or 0)
+    reason = os_error_reason(exc)
     if reason is None:
         return None
     hint = f"({DEBUG_ENV}=1 shows the traceback)"

@@ -6,9 +6,32 @@ instead of printing or exiting.
 
 from __future__ import annotations
 
+import errno
 import os
 
 DEBUG_ENV = "MOON2_DEBUG"
+
+USER_OS_ERRORS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOENT: "no such file or folder",
+    errno.ENOTDIR: "a part of the path is not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EMFILE: "too many open files",
+}
+"""OS errors a user's files or machine cause (not moon2's bugs), in words."""
+
+
+def os_error_reason(exc: OSError) -> str | None:
+    """The words for an OS error a user can cause, or None for any other (a bug)."""
+    code = exc.errno
+    if code is None and isinstance(exc, FileNotFoundError):  # pyarrow sets no errno
+        code = errno.ENOENT
+    return USER_OS_ERRORS.get(code or 0)
 
 
 def debug_enabled() -> bool:

@@ -244,12 +244,12 @@ def _check_same_benchmark(folders: list[EvalFolder]) -> None:
             )
 
 
-def _aligned(folders: list[EvalFolder], task: str) -> list[pl.DataFrame]:
-    """Every folder's per-query table of ``task``, sorted by id; the ids must agree."""
+def _aligned(folders: Sequence[Path], task: str) -> list[pl.DataFrame]:
+    """Every eval folder's per-query table of ``task``, sorted by id; the ids must agree."""
     ids = list(per_query_ids(task))
     frames = []
     for folder in folders:
-        path = folder.path / "per_query" / f"{task}.parquet"
+        path = folder / "per_query" / f"{task}.parquet"
         try:
             frame = pl.read_parquet(path)
         except (OSError, pl.exceptions.PolarsError):
@@ -265,7 +265,7 @@ def _aligned(folders: list[EvalFolder], task: str) -> list[pl.DataFrame]:
                 only = frames[0].select(ids).join(frame.select(ids), on=ids, how="anti")
             example = ", ".join(f"{k} {v}" for k, v in (only.row(0, named=True).items()))
             raise InputError(
-                f"the {task} queries of {folder.path} differ from those of {folders[0].path} "
+                f"the {task} queries of {folder} differ from those of {folders[0]} "
                 f"(e.g. {example} is in one only); evaluate both on the same tasks of one "
                 "benchmark"
             )
@@ -275,11 +275,11 @@ def _aligned(folders: list[EvalFolder], task: str) -> list[pl.DataFrame]:
 def paired_per_query(evals: Sequence[Path], task: str, metric: str) -> list[np.ndarray]:
     """The per-query values of ``metric`` on ``task`` in each eval folder, aligned by query
     id (the folders must hold the same queries): the pairs :func:`paired_test` takes."""
-    folders = [EvalFolder(Path(p), _label(i), "?", "?", "?", []) for i, p in enumerate(evals)]
+    folders = [Path(p) for p in evals]
     frames = _aligned(folders, task)
     column = _column(metric, frames[0].columns)
     if column is None:
-        path = folders[0].path / "per_query" / f"{task}.parquet"
+        path = folders[0] / "per_query" / f"{task}.parquet"
         raise InputError(f"{path} has no per-query {metric}; re-run moon2 eval")
     return [frame[column].cast(pl.Float64).to_numpy() for frame in frames]
 
@@ -335,7 +335,7 @@ def _rows(
         )
     plan = []
     for task in tasks:
-        frames = _aligned(folders, task)
+        frames = _aligned([f.path for f in folders], task)
         for metric in _task_metrics(task, frames[0].columns, wanted):
             plan.append((task, metric, frames))
     if not plan:

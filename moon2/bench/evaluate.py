@@ -209,6 +209,7 @@ def _chance_recall(relevant_counts: np.ndarray, pool: int, k: int) -> float:
 def _retrieval_task(
     task: str,
     task_dir: Path,
+    spec: dict[str, Any],
     encoder: Encoder,
     products: _ProductEmbeddings,
     config: EvalConfig,
@@ -216,7 +217,6 @@ def _retrieval_task(
     out: Path,
     run_name: str,
 ) -> tuple[dict[str, float], dict[str, Any], pa.Table]:
-    spec = json.loads((task_dir / "task.json").read_text())
     candidates = pq.read_table(task_dir / "candidates.parquet").sort_by("position")
     candidate_ids = candidates.column("candidate_id").to_pylist()
     product_rows = np.array(
@@ -316,9 +316,12 @@ def _label_rows(ids: pl.DataFrame, gold: list[str], predicted: list[str]) -> pa.
 
 
 def _cls_task(
-    task_dir: Path, encoder: Encoder, products: _ProductEmbeddings, config: EvalConfig
+    task_dir: Path,
+    spec: dict[str, Any],
+    encoder: Encoder,
+    products: _ProductEmbeddings,
+    config: EvalConfig,
 ) -> tuple[dict[str, float], dict[str, Any], pa.Table]:
-    spec = json.loads((task_dir / "task.json").read_text())
     labels = pl.read_parquet(task_dir / "labels.parquet")
     label_names: list[str] = spec["labels"]
     texts = [config.label_template.format(label=spec["label_text"][n]) for n in label_names]
@@ -338,9 +341,12 @@ def _cls_task(
 
 
 def _attr_task(
-    task_dir: Path, encoder: Encoder, products: _ProductEmbeddings, config: EvalConfig
+    task_dir: Path,
+    spec: dict[str, Any],
+    encoder: Encoder,
+    products: _ProductEmbeddings,
+    config: EvalConfig,
 ) -> tuple[dict[str, float], dict[str, Any], pa.Table]:
-    spec = json.loads((task_dir / "task.json").read_text())
     labels = pl.read_parquet(task_dir / "labels.parquet")
     mm = products.get("mm")
     correct = 0
@@ -420,11 +426,8 @@ def _task_spec(bench: Path, task: str) -> dict[str, Any]:
     for name in TASK_FILES[task]:
         if not (task_dir / name).exists():
             raise InputError(f"{task_dir / name} is missing; rebuild the benchmark")
-    try:
-        spec = json.loads((task_dir / "task.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        spec = None
-    if not isinstance(spec, dict):
+    spec = read_json_object(task_dir / "task.json")
+    if spec is None:
         raise InputError(f"{task_dir / 'task.json'} is not a build-bench task description")
     return spec
 
@@ -529,16 +532,16 @@ def _evaluate(
     products = _ProductEmbeddings(bench, encoder, config, images)
     results: dict[str, Any] = {}
     details: dict[str, Any] = {}
-    for task in runnable:
+    for task, spec in runnable.items():  # spec: the task.json read when the task was planned
         task_dir = bench / "test" / "tasks" / task
         if task in RETRIEVAL_TASKS:
             metrics, info, rows = _retrieval_task(
-                task, task_dir, encoder, products, config, images, out, encoder.name
+                task, task_dir, spec, encoder, products, config, images, out, encoder.name
             )
         elif task == "cls":
-            metrics, info, rows = _cls_task(task_dir, encoder, products, config)
+            metrics, info, rows = _cls_task(task_dir, spec, encoder, products, config)
         else:
-            metrics, info, rows = _attr_task(task_dir, encoder, products, config)
+            metrics, info, rows = _attr_task(task_dir, spec, encoder, products, config)
         write_table(rows, out / "per_query" / f"{task}.parquet")
         results[task] = {k: round(float(v), 6) for k, v in metrics.items()}
         details[task] = info

@@ -17,7 +17,6 @@ Every command that writes a folder claims it first with :func:`claim_output`:
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from moon2.data.io import atomic_path, read_json_object
-from moon2.errors import InputError
+from moon2.errors import InputError, os_error_reason
 
 MARKER = ".moon2-output.json"
 LOCK = ".moon2.lock"
@@ -160,12 +159,7 @@ def check_output(
 
 
 def _os_error(out: Path, exc: OSError) -> InputError:
-    reason = {
-        errno.EACCES: "permission denied",
-        errno.EPERM: "permission denied",
-        errno.EROFS: "read-only file system",
-        errno.ENOSPC: "no space left on the device",
-    }.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+    reason = os_error_reason(exc) or exc.strerror or type(exc).__name__
     return InputError(f"cannot write into the output folder {out}: {reason}")
 
 

@@ -423,11 +423,14 @@ def convert_mbe(
     files = _source_files(src)  # a missing or empty source is refused before OUT is made
     inputs = [src, *files]
     with claim_output(out_dir, STAGE, inputs=inputs, outputs=OUTPUTS, resume=False) as claim:
-        return _convert(src, claim.path, industry_as_root, split, rows_per_part, batch_rows)
+        return _convert(
+            src, files, claim.path, industry_as_root, split, rows_per_part, batch_rows
+        )
 
 
 def _convert(
     src: str | os.PathLike[str],
+    files: list[Path],
     out_dir: str | os.PathLike[str],
     industry_as_root: bool,
     split: str | None,
@@ -447,7 +450,6 @@ def _convert(
     """
     if split not in (None, "train", "test"):
         raise InputError(f"split must be 'train' or 'test', not {split!r}")
-    files = _source_files(src)
     root = _source_root(src, files)
     out = Path(out_dir)
     result = ConvertResult(out_dir=out)
