@@ -94,7 +94,6 @@ class AblationResult:
 
 
 # a demo stage's folder and the file it writes last
-SIGNIFICANT = 0.05  # p_holm below which ablation.md marks a change with *
 DEMO_TRAIN_DATA = {"aug": "manifest.json", "cur": "filter_report.json"}
 
 
@@ -255,6 +254,7 @@ def render_markdown(
     mean ± std over seeds in %, and each ablation's change from the full model, marked ``*``
     where its paired test (``tests``, from :func:`significance`) has p < 0.05 after Holm."""
     tests = tests or {}
+    from moon2.bench.compare import ALPHA
     from moon2.bench.config import ALL_TASKS, PAPER_TASKS
 
     by_name = {v.name: v for v in VARIANTS}
@@ -284,7 +284,7 @@ def render_markdown(
             if full is not None and name != "full" and full[task]["mean"] is not None:
                 text += f" ({100 * (cell['mean'] - full[task]['mean']):+.1f})"
                 test = tests.get(name, {}).get(task)
-                if test is not None and test["p_holm"] < SIGNIFICANT:
+                if test is not None and test["p_holm"] < ALPHA:
                     text += " *"
             cells.append(text)
         counts = sorted({tasks_summary[t]["n"] for t in tasks if tasks_summary[t]["n"]})
@@ -293,7 +293,7 @@ def render_markdown(
     if tests:
         lines += [
             "",
-            f"`*`: the change from the full model is significant (p < {SIGNIFICANT} after Holm "
+            f"`*`: the change from the full model is significant (p < {ALPHA} after Holm "
             "over the tasks of that row): a two-sided paired sign-flip test over (query x "
             "seed) pairs of the seeds both models have, as in `moon2 compare`. p-values and "
             "95 % confidence intervals are in `ablation.json` (`significance`); no `*` means "

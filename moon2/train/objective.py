@@ -304,8 +304,9 @@ class Objective(nn.Module):
         scores = scores.detach()
         positive = scores.gather(1, positive_index.unsqueeze(1)).squeeze(1)
         margins = []
+        allowed_rows = allowed.tolist()  # one transfer, not one device read per negative
         for i, r in enumerate(rows):
-            given = [offset + c for c in batch.negative_cols[r] if allowed[i, offset + c]]
+            given = [offset + c for c in batch.negative_cols[r] if allowed_rows[i][offset + c]]
             if given:
                 hardest = scores[i, given].max()
             else:

@@ -77,7 +77,12 @@ def changed_fields(previous: dict[str, Any], plan: dict[str, Any]) -> list[str]:
 
 def check_resume(out: Path, plan: dict[str, Any], resume: bool) -> None:
     """Refuse to resume the newest checkpoint under ``out`` with other data or config."""
-    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
+    checkpoint = latest_checkpoint(out / "checkpoints")
+    if checkpoint is not None and not resume:  # every rank refuses alike, before any writes
+        raise InputError(
+            f"{out} holds checkpoints of an earlier run; pass --resume to continue it or "
+            "choose a new output directory"
+        )
     if checkpoint is None:
         return
     previous = read_plan(checkpoint)

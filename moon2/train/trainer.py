@@ -371,11 +371,6 @@ def _train(
     is_main = rank == 0
     _seed_everything(config.seed)
     if is_main:
-        if not resume and latest_checkpoint(out / "checkpoints") is not None:
-            raise InputError(
-                f"{out} holds checkpoints of an earlier run; pass --resume to continue it or "
-                "choose a new output directory"
-            )
         config.to_yaml(out / "train_config.yaml", "moon2 train: resolved config of this run")
         _duplicate_groups(config, prepare_stores(data, out / "cache")[0], out / "cache")
     _barrier()

@@ -206,3 +206,16 @@ def test_eval_and_embed_refuse_an_unavailable_device(
     ):
         line = _one_sentence(CliRunner().invoke(app, args))
         assert "device cuda:7 is not available: this machine has no CUDA GPU" in line
+
+
+def test_a_run_with_checkpoints_is_refused_without_resume(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Refused by check_resume, which every process runs before any of them writes (under
+    DDP the others used to wait for the main process, which alone refused)."""
+    data, out = run
+    copy = _copy_run(out, tmp_path)
+    before = (copy / "train_config.yaml").read_bytes()
+    line = _one_sentence(_train(data, copy, _recipe(tmp_path / "r")))
+    assert "holds checkpoints of an earlier run; pass --resume" in line
+    assert (copy / "train_config.yaml").read_bytes() == before
